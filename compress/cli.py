@@ -1,0 +1,239 @@
+"""`compress run | validate | export | bench | inspect`. Exit codes: 0 ok, 1 internal, 2 bad input, 3 verification."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from compress import __version__
+from compress.errors import ArtifactError, CompressError
+
+log = logging.getLogger("compress")
+# Used to verify a stand-alone export when no --data is given: real sentences, not random ids.
+VERIFY_SENTENCES = [
+    "a gripping, beautifully acted film that stays with you .",
+    "the plot is thin and the jokes fall flat .",
+    "It was the best of times, it was the worst of times.",
+    "Compression makes models smaller and faster; verification proves it kept its answers.",
+    "short",
+    "Numbers like 3.14159 and dates like 2026-11-23 tokenize into many pieces.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="compress: %(message)s")
+    _quiet_libraries()
+    try:
+        return args.handler(args) or 0
+    except CompressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"compress {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe: steps, export, verification, benchmark, report")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--out", type=Path, required=True, help="run directory (resumed when it is a previous run)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe field, e.g. steps.0.epochs=2 (repeatable)")
+    run.add_argument("--overwrite", action="store_true", help="clear --out even if it is not a compress run")
+    run.set_defaults(handler=_run)
+
+    validate = sub.add_parser("validate", help="check a recipe, its files and its step order without running it")
+    validate.add_argument("recipe", type=Path)
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(handler=_validate)
+
+    export = sub.add_parser("export", help="export a model or artifact to a verified ONNX artifact")
+    export.add_argument("model", help="artifact directory, model directory, embedded alias or hub id")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--task", choices=["sequence-classification", "causal-lm"],
+                        help="needed unless MODEL is a compress artifact")
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime fusions")
+    export.add_argument("--data", type=Path, help="text file/table whose rows verify the export")
+    export.add_argument("--text", default="text", help="text column of --data")
+    export.set_defaults(handler=_export)
+
+    bench = sub.add_parser("bench", help="measure metric, latency, size and memory of artifacts")
+    bench.add_argument("path", type=Path, help="an artifact directory, or a run directory (all its stages)")
+    bench.add_argument("--data", type=Path, required=True, help="eval file (csv, tsv, jsonl or text)")
+    bench.add_argument("--out", type=Path, help="where results.json and report.md go (default: ./bench-NAME)")
+    bench.add_argument("--text", default="text")
+    bench.add_argument("--text-pair")
+    bench.add_argument("--label", default="label")
+    bench.add_argument("--columns", nargs="+", help="column names of a header-less csv/tsv")
+    bench.add_argument("--max-length", type=int, default=128, help="truncation, or causal LM context")
+    bench.add_argument("--max-rows", type=int, help="classification: use only the first N eval rows")
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--runs", type=int, default=100)
+    bench.add_argument("--seq-len", type=int, default=128)
+    bench.set_defaults(handler=_bench)
+
+    inspect = sub.add_parser("inspect", help="history, sizes and hashes of an artifact or a run")
+    inspect.add_argument("path", type=Path)
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from compress.pipeline import run_pipeline
+    from compress.recipe_loader import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    command = "compress " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
+    outcome = run_pipeline(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, command=command)
+    for stage in outcome["stages"]:
+        print(f"{stage['name']:<14} {stage['status']:<9} {stage['format']} {stage['precision']}")
+    if outcome["results"]:
+        print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from compress import models
+    from compress.data import load_task_data
+    from compress.recipe_loader import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    data = load_task_data(recipe.data, recipe.task, recipe.seed)
+    models.resolve(recipe.model, recipe.trust_remote_code)
+    rows = f"{len(data.train) if data.train is not None else 0} train / {len(data.eval)} eval rows"
+    labels = f", labels: {', '.join(data.label_names)}" if data.label_names else ""
+    print(f"{args.recipe}: ok ({recipe.task}, {rows}{labels}; steps: {' → '.join(s.kind for s in recipe.steps)})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from datasets import Dataset
+
+    from compress import models
+    from compress.artifact import MANIFEST, Artifact
+    from compress.context import Context
+    from compress.data import TaskData, build_eval_set, read_table
+    from compress.passes import export as export_pass
+    from compress.recipe import DataSource, ExportStep, Recipe
+
+    if (Path(args.model) / MANIFEST).is_file():
+        artifact = Artifact.load(Path(args.model))
+    else:
+        if args.task is None:
+            raise ArtifactError(f"--task: {args.model} is not a compress artifact; say which task to export")
+        loaded = models.load(args.model, args.task)
+        artifact = Artifact(args.task, loaded.model.config, loaded.tokenizer, loaded.model, source=args.model)
+    if artifact.model is None:
+        raise ArtifactError(f"{args.model}: holds no torch model to export (it is already an ONNX artifact)")
+    texts = read_table(DataSource(path=str(args.data), text=args.text), "--data", False)["text"] if args.data \
+        else VERIFY_SENTENCES
+    recipe = Recipe.model_validate({"model": str(args.model), "task": artifact.task, "data": {"eval": {"path": "-"}}})
+    data = TaskData(artifact.task, None, Dataset.from_dict({"text": list(texts)}), None, "")
+    step = ExportStep(opset=args.opset, optimize=not args.no_optimize)
+
+    def export_into(partial: Path) -> None:
+        ctx = Context(recipe, partial, data, lambda tok: build_eval_set(data, tok, recipe.data), quiet=args.quiet)
+        export_pass.run(artifact, step, ctx).save(partial)
+
+    _atomic_dir(args.out, export_into)
+    print(f"exported: {args.out / 'model.onnx'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from compress.artifact import Artifact, read_manifest
+    from compress.data import build_eval_set, load_task_data
+    from compress.eval.bench import Variant, run_bench
+    from compress.eval.report import write_results
+    from compress.recipe import BenchConfig, DataConfig, DataSource
+
+    directories = _artifact_dirs(args.path)
+    manifests = [read_manifest(d) for d in directories]
+    task = manifests[0]["task"]
+    reference = Artifact.load(directories[0])
+    source = DataSource(path=str(args.data.resolve()), text=args.text, text_pair=args.text_pair, label=args.label,
+                        columns=args.columns)
+    cfg = DataConfig(eval=source, labels=reference.label_names, max_length=args.max_length,
+                     max_eval_rows=args.max_rows)
+    data = load_task_data(cfg, task)
+    evals = build_eval_set(data, reference.tokenizer, cfg)
+    variants = [Variant(d.name, d, m["deploys"], m["precision"]) for d, m in zip(directories, manifests)]
+    bench_cfg = BenchConfig(threads=args.threads, runs=args.runs, seq_len=args.seq_len)
+    out = args.out or Path(f"bench-{args.path.resolve().name}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_bench(variants, evals, bench_cfg, out / ".bench", variants[0].name, quiet=args.quiet)
+    shutil.rmtree(out / ".bench", ignore_errors=True)
+    write_results(results, out, command="compress " + shlex.join(sys.argv[1:]))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _artifact_dirs(path: Path) -> list[Path]:
+    from compress.artifact import MANIFEST
+    from compress.pipeline import RUN_MANIFEST
+
+    if (path / MANIFEST).is_file():
+        return [path]
+    if (path / RUN_MANIFEST).is_file():
+        stages = json.loads((path / RUN_MANIFEST).read_text()).get("stages", [])
+        found = [path / s["name"] for s in stages if (path / s["name"] / MANIFEST).is_file()]
+        if found:
+            return found
+    raise ArtifactError(f"{path}: neither a compress artifact nor a run directory with finished stages")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from compress.artifact import read_manifest
+
+    for directory in _artifact_dirs(args.path):
+        manifest = read_manifest(directory)
+        print(f"{directory}  [{manifest['task']}, deploys {manifest['deploys']} {manifest['precision']}]")
+        if manifest.get("source"):
+            print(f"  source: {manifest['source']}")
+        for name, digest in manifest["files"].items():
+            print(f"  {name:<18} {(directory / name).stat().st_size / 1e6:9.2f} MB  sha256 {digest[:16]}…")
+        for entry in manifest["history"]:
+            effect = ", ".join(f"{k}={v}" for k, v in entry["effect"].items() if not isinstance(v, (dict, list)))
+            print(f"  {entry.get('stage', entry['kind'])}: {effect}")
+    return 0
+
+
+def _atomic_dir(out: Path, write: Any) -> None:
+    """Write into a temporary sibling, rename at the end: a failed export leaves nothing behind."""
+    if out.exists() and any(out.iterdir()):
+        raise ArtifactError(f"--out: {out} already exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(partial)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Task data: local csv/tsv/jsonl/text files or hub datasets, through `datasets`, checked up front."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.errors import DataError, OfflineError
+from compress.evalset import EvalSet
+from compress.recipe import DataConfig, DataSource
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".txt": "text", ".raw": "text"}
+
+
+@dataclass
+class TaskData:
+    task: str
+    train: Any  # datasets.Dataset or None; columns: text, [text_pair], [label] (int ids)
+    eval: Any  # datasets.Dataset
+    label_names: list[str] | None
+    fingerprint: str  # of the files' bytes and the settings that shaped them, for stage caching
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def load_task_data(cfg: DataConfig, task: str, seed: int = 0) -> TaskData:
+    classify = task == "sequence-classification"
+    tables = {name: read_table(src, f"data.{name}", classify) for name, src in (("train", cfg.train), ("eval", cfg.eval))
+              if src is not None}
+    notes: dict[str, Any] = {}
+    if "eval" not in tables:
+        split = tables["train"].train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        tables = {"train": split["train"], "eval": split["test"]}
+        notes["eval_split"] = {"carved_from": "data.train", "fraction": cfg.eval_fraction, "seed": seed,
+                               "rows": len(split["test"])}
+    label_names = None
+    if classify:
+        label_names = _label_names(tables, cfg.labels)
+        tables = {name: _encode_labels(table, label_names, f"data.{name}", tables.get("train") is not None)
+                  for name, table in tables.items()}
+        if cfg.max_eval_rows:
+            tables["eval"] = tables["eval"].select(range(min(cfg.max_eval_rows, len(tables["eval"]))))
+    return TaskData(task, tables.get("train"), tables["eval"], label_names, _fingerprint(cfg, task, seed), notes)
+
+
+def read_table(src: DataSource, where: str, classify: bool) -> Any:
+    """One source as a Dataset with columns text, [text_pair], [label]; DataError names `where` and the file."""
+    table = _read_hub(src, where) if src.dataset else _read_file(src, where)
+    name = src.path or src.dataset
+    if len(table) == 0:
+        raise DataError(f"{where}: {name} has no rows")
+    wanted = {"text": src.text} | ({"text_pair": src.text_pair} if src.text_pair else {})
+    if classify:
+        wanted["label"] = src.label
+    missing = [column for column in wanted.values() if column not in table.column_names]
+    if missing:
+        raise DataError(f"{where}: {name} has no column {missing[0]!r} (columns: {', '.join(table.column_names)})")
+    table = table.select_columns(list(wanted.values()))
+    table = table.rename_columns({v: k for k, v in wanted.items() if k != v})
+    if src.limit:
+        table = table.select(range(min(src.limit, len(table))))
+    return table
+
+
+def _read_file(src: DataSource, where: str) -> Any:
+    from datasets import load_dataset
+
+    path = Path(src.path)
+    if not path.is_file():
+        raise DataError(f"{where}.path: {path} not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{where}.path: {path} is empty")
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{where}.path: {path} has an unknown extension (known: {', '.join(FORMATS)})")
+    if kind == "text":
+        return load_dataset("text", data_files=str(path), split="train", sample_by="document")
+    if kind == "json":
+        return load_dataset("json", data_files=str(path), split="train")
+    options: dict[str, Any] = {"sep": "\t" if kind == "tsv" else ",", "keep_default_na": False}
+    if kind == "tsv":
+        options["quoting"] = csv.QUOTE_NONE  # TSV text keeps its quote characters
+    if src.columns:
+        options["column_names"] = src.columns
+    try:
+        return load_dataset("csv", data_files=str(path), split="train", **options)
+    except Exception as err:  # the csv reader's own error says which line is off
+        if "corresponds to no data" in str(err):
+            raise DataError(f"{where}: {path} has no rows") from None
+        raise DataError(f"{where}.path: {path} could not be read as {kind}: {str(err).splitlines()[0]}") from None
+
+
+def _read_hub(src: DataSource, where: str) -> Any:
+    from datasets import load_dataset
+
+    from compress.models import hub_reachable
+
+    if not hub_reachable():
+        raise OfflineError(f"{where}.dataset: {src.dataset!r} is a hub dataset, but the hub cannot be reached from "
+                           "here; save it to a local file where you are online and give its 'path' instead")
+    return load_dataset(src.dataset, src.subset, split=src.split)
+
+
+def _label_names(tables: dict[str, Any], declared: list[str] | None) -> list[str]:
+    if declared:
+        return list(declared)
+    reference = tables.get("train", tables["eval"])
+    values = sorted(set(list(reference["label"])), key=lambda v: (not isinstance(v, int), v))
+    if all(isinstance(v, int) for v in values):
+        return [str(i) for i in range(int(max(values)) + 1)]
+    return [str(v) for v in values]
+
+
+def _encode_labels(table: Any, names: list[str], where: str, against_train: bool) -> Any:
+    ids = {name: i for i, name in enumerate(names)}
+    encoded = []
+    for row, value in enumerate(list(table["label"])):
+        key = str(value)
+        if isinstance(value, int) and not isinstance(value, bool) and key not in ids and 0 <= value < len(names):
+            encoded.append(value)  # integer labels index a declared list of names
+            continue
+        if key not in ids:
+            source = "data.train" if against_train and where != "data.train" else "the declared data.labels"
+            raise DataError(f"{where}: label {value!r} (row {row + 1}) never occurs in {source} "
+                            f"(labels: {', '.join(names)})")
+        encoded.append(ids[key])
+    return table.remove_columns("label").add_column("label", encoded)
+
+
+def _fingerprint(cfg: DataConfig, task: str, seed: int) -> str:
+    digest = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), task, seed], sort_keys=True).encode())
+    for src in (cfg.train, cfg.eval):
+        if src is not None and src.path:
+            digest.update(Path(src.path).read_bytes())
+    return digest.hexdigest()
+
+
+def build_eval_set(data: TaskData, tokenizer: Any, cfg: DataConfig) -> EvalSet:
+    if data.task == "sequence-classification":
+        return _classification_eval_set(data, tokenizer, cfg.max_length)
+    return _lm_eval_set(data, tokenizer, cfg.max_length, cfg.stride or cfg.max_length, cfg.max_eval_tokens)
+
+
+def _classification_eval_set(data: TaskData, tokenizer: Any, max_length: int) -> EvalSet:
+    table = data.eval
+    pairs = list(table["text_pair"]) if "text_pair" in table.column_names else None
+    encoded = tokenizer(list(table["text"]), pairs, truncation=True, max_length=max_length, padding="longest",
+                        return_tensors="np")
+    features = {k: np.asarray(v, dtype=np.int64) for k, v in encoded.items()}
+    labels = np.asarray(list(table["label"]), np.int64) if "label" in table.column_names else None  # unlabeled: outputs only
+    return EvalSet(data.task, features, int(tokenizer.pad_token_id), labels=labels)
+
+
+def lm_token_ids(texts: list[str], tokenizer: Any, cap: int | None = None) -> list[int]:
+    ids = tokenizer("\n\n".join(list(texts)), add_special_tokens=False)["input_ids"]
+    return ids[:cap] if cap else ids
+
+
+def _lm_eval_set(data: TaskData, tokenizer: Any, context: int, stride: int, cap: int | None) -> EvalSet:
+    """Sliding windows that score every token but the first exactly once, each with up to `context` tokens.
+
+    A window starts `stride` tokens after the previous one, but never past the last token that one scored,
+    so with stride == context each window still has the previous token to predict its first from.
+    """
+    ids = lm_token_ids(data.eval["text"], tokenizer, cap)
+    if len(ids) < 2:
+        raise DataError("data.eval: the text holds fewer than 2 tokens; nothing to score")
+    rows, masks, attention = [], [], []
+    begin, scored_until = 0, 1
+    while scored_until < len(ids):
+        end = min(begin + context, len(ids))
+        window = ids[begin:end]
+        mask = np.zeros(context, dtype=bool)
+        mask[scored_until - begin : end - begin] = True
+        rows.append(window + [tokenizer.pad_token_id] * (context - len(window)))
+        attention.append([1] * len(window) + [0] * (context - len(window)))
+        masks.append(mask)
+        scored_until, begin = end, min(begin + stride, end - 1)
+    features = {"input_ids": np.asarray(rows, np.int64), "attention_mask": np.asarray(attention, np.int64)}
+    return EvalSet(data.task, features, int(tokenizer.pad_token_id), target_mask=np.stack(masks),
+                   meta={"tokens": len(ids), "context": context, "stride": stride})

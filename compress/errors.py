@@ -1,0 +1,48 @@
+"""Every failure a user can cause has a type here, and every type knows its exit code.
+
+Exit codes: 0 ok, 1 internal error (anything not listed here), 2 bad input, 3 verification failed.
+"""
+
+
+class CompressError(Exception):
+    """Base of all errors `compress` raises on purpose. The message is one line a user can act on."""
+
+    exit_code = 1
+
+
+class BadInput(CompressError):
+    exit_code = 2
+
+
+class RecipeError(BadInput):
+    """A recipe, or an override of one, does not validate. The message names the field."""
+
+
+class ModelLoadError(BadInput):
+    """A model path, hub id or alias cannot be resolved to a model."""
+
+
+class MissingPackageError(ModelLoadError):
+    """An embedded model alias whose package is not installed."""
+
+
+class OfflineError(ModelLoadError):
+    """A hub id was asked for but no hub can be reached."""
+
+
+class DataError(BadInput):
+    """A data file is missing, empty, lacks a column, or its labels do not line up."""
+
+
+class OutDirError(BadInput):
+    """`--out` holds something that is not a `compress` run."""
+
+
+class ArtifactError(BadInput):
+    """A directory is not a `compress` artifact, or is missing what a step needs."""
+
+
+class ExportMismatch(CompressError):
+    """An exported or quantized graph disagrees with its reference beyond the allowed tolerance."""
+
+    exit_code = 3

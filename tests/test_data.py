@@ -1,0 +1,100 @@
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from compress.data import build_eval_set, load_task_data
+from compress.errors import DataError
+from compress.recipe import DataConfig
+
+CLS = "sequence-classification"
+
+
+def config(**data) -> DataConfig:
+    return DataConfig.model_validate(data)
+
+
+def test_string_labels_become_ids_and_names_are_kept(sentiment_files):
+    data = load_task_data(config(train={"path": str(sentiment_files["train"]), "text": "sentence"},
+                                 eval={"path": str(sentiment_files["dev"]), "text": "sentence"}), CLS)
+    assert data.label_names == ["negative", "positive"]
+    assert set(data.train["label"]) == {0, 1}
+    assert len(data.eval) == 40 and data.notes == {}
+
+
+def test_eval_split_is_carved_from_train_seeded_and_recorded(sentiment_files):
+    cfg = config(train={"path": str(sentiment_files["train"]), "text": "sentence"}, eval_fraction=0.25)
+    first, again = load_task_data(cfg, CLS, seed=3), load_task_data(cfg, CLS, seed=3)
+    assert len(first.eval) == 50 and len(first.train) == 150
+    assert first.eval["text"] == again.eval["text"]
+    assert first.notes["eval_split"] == {"carved_from": "data.train", "fraction": 0.25, "seed": 3, "rows": 50}
+
+
+def test_eval_label_never_seen_in_train(tmp_path, sentiment_files):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\ngood film\tpositive\nmeh\tneutral\n")
+    with pytest.raises(DataError, match=r"data.eval: label 'neutral' \(row 2\) never occurs in data.train"):
+        load_task_data(config(train={"path": str(sentiment_files["train"]), "text": "sentence"},
+                              eval={"path": str(dev), "text": "sentence"}), CLS)
+
+
+def test_label_outside_declared_list(tmp_path):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\ngood film\t1\nodd\t7\n")
+    with pytest.raises(DataError, match="label 7 .* never occurs in the declared data.labels"):
+        load_task_data(config(eval={"path": str(dev), "text": "sentence"}, labels=["negative", "positive"]), CLS)
+
+
+def test_integer_labels_index_declared_names(tmp_path):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    data = load_task_data(config(eval={"path": str(dev), "text": "sentence"}, labels=["negative", "positive"]), CLS)
+    assert data.eval["label"] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("content", "column", "expected"),
+    [
+        (None, "sentence", r"data.eval.path: .*absent.tsv not found"),
+        ("", "sentence", r"data.eval.path: .*empty.tsv is empty"),
+        ("sentence\tlabel\n", "sentence", r"data.eval: .* has no rows"),
+        ("sentence\tlabel\nfine\t1\n", "review", r"data.eval: .* has no column 'review' \(columns: sentence, label\)"),
+    ],
+)
+def test_bad_files_name_the_field_and_file(tmp_path, content, column, expected):
+    name = {None: "absent.tsv", "": "empty.tsv"}.get(content, "dev.tsv")
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=expected):
+        load_task_data(config(eval={"path": str(path), "text": column}), CLS)
+
+
+def test_headerless_tsv_with_named_columns_and_jsonl_pairs(tmp_path):
+    tsv = tmp_path / "news.tsv"
+    tsv.write_text("stocks rally\tBusiness\nteam wins\tSports\n")
+    data = load_task_data(config(eval={"path": str(tsv), "columns": ["text", "label"]}), CLS)
+    assert data.label_names == ["Business", "Sports"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"a": f"q{i}", "b": f"a{i}", "y": i % 2}) for i in range(4)))
+    data = load_task_data(config(eval={"path": str(pairs), "text": "a", "text_pair": "b", "label": "y"}), CLS)
+    assert data.eval.column_names == ["text", "text_pair", "label"] and data.label_names == ["0", "1"]
+
+
+def test_classification_eval_set_pads_to_the_longest_row(sentiment_files, tiny_bert_dir):
+    cfg = config(eval={"path": str(sentiment_files["dev"]), "text": "sentence"})
+    evals = build_eval_set(load_task_data(cfg, CLS), AutoTokenizer.from_pretrained(tiny_bert_dir), cfg)
+    assert len(evals) == 40 and evals.features["input_ids"].shape[1] == evals.lengths.max()
+    assert set(evals.features) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert evals.labels.tolist() == [1, 0] * 20  # 'negative' < 'positive'; rows alternate positive first
+
+
+@pytest.mark.parametrize("stride", [32, 20])
+def test_lm_windows_score_every_token_once(text_file, tiny_llama_dir, stride):
+    cfg = config(eval={"path": str(text_file)}, max_length=32, stride=stride, max_eval_tokens=300)
+    evals = build_eval_set(load_task_data(cfg, "causal-lm"), AutoTokenizer.from_pretrained(tiny_llama_dir), cfg)
+    assert evals.meta["tokens"] == 300
+    assert int(evals.target_mask.sum()) == 299  # every token but the very first is predicted exactly once
+    assert evals.features["input_ids"].shape[1] == 32
+    assert not np.any(evals.target_mask[:, 0])

@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+
+from compress.errors import RecipeError
+from compress.recipe import PTQStep
+from compress.recipe_loader import load_recipe
+
+BASE = """
+model: minilm-l6
+task: sequence-classification
+data:
+  train: {path: train.tsv, text: sentence}
+steps:
+  - kind: finetune
+  - kind: export
+  - kind: ptq
+"""
+
+
+def write(tmp_path: Path, text: str = BASE) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def error(path: Path, *overrides: str) -> str:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, list(overrides))
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def test_paths_are_relative_to_the_recipe_file(tmp_path):
+    recipe = load_recipe(write(tmp_path))
+    assert recipe.data.train.path == str(tmp_path / "train.tsv")
+    assert recipe.model == "minilm-l6"
+    assert isinstance(recipe.steps[2], PTQStep)
+
+
+def test_local_model_path_is_relative_to_the_recipe_file(tmp_path):
+    recipe = load_recipe(write(tmp_path, BASE.replace("minilm-l6", "./models/mine")))
+    assert recipe.model == str(tmp_path / "models" / "mine")
+
+
+def test_misspelt_key_names_the_path_and_suggests(tmp_path):
+    text = BASE.replace("- kind: finetune", "- kind: finetune\n    epochz: 2")
+    assert error(write(tmp_path, text)).endswith("steps[0].epochz: unknown field; did you mean 'epochs'?")
+
+
+def test_override_goes_through_the_same_validation(tmp_path):
+    path = write(tmp_path)
+    assert load_recipe(path, ["steps.0.epochs=3"]).steps[0].epochs == 3
+    assert "steps[0].epochz: unknown field; did you mean 'epochs'?" in error(path, "steps.0.epochz=2")
+    assert "steps[1].verify.atoll: unknown field; did you mean 'atol'?" in error(path, "steps.1.verify.atoll=1")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("steps.0.epochs=-1", "steps[0].epochs: Input should be greater than 0"),
+        ("steps.0.lr=fast", "steps[0].lr: Input should be a valid number"),
+        ("steps.2.mode=static", "steps[2].mode: Input should be 'dynamic'"),
+        ("task=translation", "task: Input should be 'sequence-classification' or 'causal-lm'"),
+        ("steps.0.kind=finetun", "steps[0].kind: unknown step kind 'finetun'; did you mean 'finetune'?"),
+        ("data.train.textt=x", "data.train.textt: unknown field; did you mean 'text'?"),
+        ("steps.9.epochs=1", "steps.9 is not an index of a list of 3"),
+        ("steps.0.epochs", "expected KEY=VALUE"),
+        ("data.stride=999", "stride (999) must not exceed max_length (128)"),
+    ],
+)
+def test_wrong_types_and_ranges_name_the_field(tmp_path, override, expected):
+    assert expected in error(write(tmp_path), override)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        ("[{kind: export}, {kind: finetune}]", "steps[1] (finetune) works on the torch model"),
+        ("[{kind: ptq}]", "steps[0] (ptq) works on an ONNX graph; add an 'export' step before it"),
+        ("[{kind: export}, {kind: export}]", "the model was already exported at steps[0]"),
+        ("[{epochs: 1}]", "steps[0]: every step needs a 'kind'"),
+    ],
+)
+def test_impossible_step_orders_are_rejected(tmp_path, steps, expected):
+    text = BASE.split("steps:")[0] + f"steps: {steps}\n"
+    assert expected in error(write(tmp_path, text))
+
+
+def test_training_step_without_training_data(tmp_path):
+    text = BASE.replace("train: {path: train.tsv, text: sentence}", "eval: {path: dev.tsv}")
+    assert "steps[0] (finetune) needs data.train" in error(write(tmp_path, text))
+
+
+def test_not_a_mapping_and_not_yaml(tmp_path):
+    assert "a recipe is a YAML mapping" in error(write(tmp_path, "- just\n- a list\n"))
+    assert "not valid YAML" in error(write(tmp_path, "model: [unclosed\n"))
+    assert "recipe file not found" in error(tmp_path / "absent.yaml")
