@@ -30,7 +30,9 @@ VERIFY_SENTENCES = [
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="compress: %(message)s")
+    # force: each call binds the current stderr; libraries speak only on errors, we on progress
+    logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s", force=True)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     _quiet_libraries()
     try:
         return args.handler(args) or 0
@@ -230,9 +232,11 @@ def _atomic_dir(out: Path, write: Any) -> None:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import optimum.utils.logging
     import transformers
 
     transformers.logging.set_verbosity_error()
+    optimum.utils.logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def read_table(src: DataSource, where: str, classify: bool) -> Any:
 
 def _read_file(src: DataSource, where: str) -> Any:
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     path = Path(src.path)
     if not path.is_file():
@@ -89,7 +90,7 @@ def _read_file(src: DataSource, where: str) -> Any:
         options["column_names"] = src.columns
     try:
         return load_dataset("csv", data_files=str(path), split="train", **options)
-    except Exception as err:  # the csv reader's own error says which line is off
+    except (ValueError, DatasetGenerationError) as err:  # the csv reader's own error says which line is off
         if "corresponds to no data" in str(err):
             raise DataError(f"{where}: {path} has no rows") from None
         raise DataError(f"{where}.path: {path} could not be read as {kind}: {str(err).splitlines()[0]}") from None
@@ -110,7 +111,7 @@ def _label_names(tables: dict[str, Any], declared: list[str] | None) -> list[str
     if declared:
         return list(declared)
     reference = tables.get("train", tables["eval"])
-    values = sorted(set(list(reference["label"])), key=lambda v: (not isinstance(v, int), v))
+    values = sorted(set(reference["label"]), key=lambda v: (not isinstance(v, int), v))
     if all(isinstance(v, int) for v in values):
         return [str(i) for i in range(int(max(values)) + 1)]
     return [str(v) for v in values]

@@ -5,9 +5,9 @@ Kept free of torch and transformers so an ONNX Runtime bench worker can load it 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

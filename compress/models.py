@@ -141,7 +141,7 @@ def _in_hub_cache(spec: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         return isinstance(try_to_load_from_cache(spec, "config.json"), str)
-    except Exception:  # an unusable cache just means: not cached
+    except ValueError:  # an id the cache cannot hold is not cached
         return False
 
 

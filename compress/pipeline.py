@@ -10,9 +10,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -158,7 +159,8 @@ class _StageRunner:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)  # only a complete stage ever carries the final name
         log.info("%s: computed in %.1f s", name, seconds)
-        self.artifact, self.directory = artifact, final
+        # The next step reads the stage back from disk, exactly as it would after a cache hit.
+        self.artifact, self.directory = None, final
         return Stage(name, self.key, final, "computed", seconds, artifact.format, artifact.precision)
 
 

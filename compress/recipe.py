@@ -6,9 +6,17 @@ Adding a pass = one step class here + one line in `AnyStep` + `compress/passes/<
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Task = Literal["sequence-classification", "causal-lm"]
 
@@ -125,7 +133,7 @@ class PTQStep(Step):
     verify: QuantTolerance = QuantTolerance()
 
 
-AnyStep = Annotated[Union[FinetuneStep, ExportStep, PTQStep], Field(discriminator="kind")]
+AnyStep = Annotated[FinetuneStep | ExportStep | PTQStep, Field(discriminator="kind")]
 
 
 class BenchConfig(Strict):
@@ -199,3 +207,8 @@ def nested_models(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [model for arg in get_args(annotation) for model in nested_models(arg)]
+
+
+def step_pass_module(step: Step) -> str:
+    """The module whose `run(artifact, step, ctx)` carries out `step`."""
+    return f"compress.passes.{step.kind}"

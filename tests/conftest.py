@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WORDS = ("good great fine bad awful poor movie film plot actor scene story fun dull slow fast love hate the a "
-         "is was not very really quite an and but of to it this that").split()
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "plot", "actor", "scene", "story", "fun", "dull", "slow", "fast", "love", "hate", "the", "a", "is", "was", "not", "very", "really", "quite", "an", "and", "but", "of", "to", "it", "this", "that"]
 
 
 def _sentence(rng: random.Random, positive: bool) -> str:

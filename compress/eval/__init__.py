@@ -1,0 +1,1 @@
+"""Measuring a model artifact: task metrics, latency, memory, and the benchmark report that compares variants."""

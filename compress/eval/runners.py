@@ -1,0 +1,104 @@
+"""One `logits(features)` interface over a torch model and an ONNX Runtime session.
+
+Only the torch path imports torch and transformers, and only when used: an ONNX bench worker stays light,
+so its peak memory and start-up reflect what deploying the graph costs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from compress.arch import TASKS
+from compress.artifact import GRAPH, read_manifest
+
+ORT_DTYPES = {
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(bool)": np.bool_,
+}
+
+
+class Runner(Protocol):
+    format: str
+
+    def logits(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+class TorchRunner:
+    format = "torch"
+
+    def __init__(self, model: Any, threads: int | None = None) -> None:
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = model.eval()
+        parameters = inspect.signature(model.forward).parameters.values()
+        # Named parameters only: a model's **kwargs would swallow inputs it does not understand.
+        self.accepted = {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+    def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in features.items() if k in self.accepted}
+        with torch.inference_mode():
+            output = self.model(**inputs)
+        return output.logits.float().numpy()
+
+
+class OrtRunner:
+    format = "onnx"
+
+    def __init__(self, path: Path, threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = self.session.get_inputs()
+        self.output_name = self.session.get_outputs()[0].name
+
+    def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = {}
+        for spec in self.inputs:
+            if spec.name in features:
+                value = features[spec.name]
+            elif spec.name == "position_ids":
+                value = position_ids(features["attention_mask"])
+            elif spec.name.startswith("past_key_values"):
+                value = empty_past(spec.shape, len(features["input_ids"]))
+            else:
+                raise KeyError(f"the ONNX graph needs input {spec.name!r}, which the eval features lack")
+            feeds[spec.name] = value.astype(ORT_DTYPES.get(spec.type, np.float32), copy=False)
+        (logits,) = self.session.run([self.output_name], feeds)
+        return logits.astype(np.float32, copy=False)
+
+
+def position_ids(attention_mask: np.ndarray) -> np.ndarray:
+    return np.clip(attention_mask.cumsum(axis=1) - 1, 0, None)
+
+
+def empty_past(shape: list[int | str | None], batch: int) -> np.ndarray:
+    """A zero-length cache for a graph exported with past inputs: [batch, heads, 0, head_dim]."""
+    return np.zeros([batch, *(dim if isinstance(dim, int) else 0 for dim in shape[1:])], dtype=np.float32)
+
+
+def load_runner(artifact_dir: Path, threads: int) -> TorchRunner | OrtRunner:
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    if manifest["deploys"] == "onnx":
+        return OrtRunner(artifact_dir / GRAPH, threads)
+    import transformers
+
+    model_class = getattr(transformers, TASKS[manifest["task"]].auto_class)
+    # dtype="auto": a torch artifact deploys at the precision it was saved in.
+    return TorchRunner(model_class.from_pretrained(artifact_dir, dtype="auto"), threads)

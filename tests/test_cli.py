@@ -1,0 +1,153 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+
+from compress.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_bert_dir, sentiment_files):
+    def write(**changes) -> str:
+        raw = {
+            "model": str(tiny_bert_dir),
+            "task": "sequence-classification",
+            "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
+                     "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
+            "steps": [{"kind": "finetune", "batch_size": 16, "lr": 1e-3}, {"kind": "export"}],
+            "bench": {"runs": 10, "warmup": 1, "real_length_samples": 5},
+        } | changes
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    return write
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0 and "compress 0.1.0" in capsys.readouterr().out
+
+
+def test_validate_ok_and_misspelt_key(recipe, capsys):
+    assert main(["validate", recipe()]) == 0
+    assert "ok (sequence-classification, 200 train / 40 eval rows, labels: negative, positive" in \
+        capsys.readouterr().out
+    assert main(["validate", recipe(), "--set", "steps.0.epochz=2"]) == 2
+    assert "steps[0].epochz: unknown field; did you mean 'epochs'?" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "llm-quickstart.yaml"])
+def test_shipped_recipes_validate(name, capsys):
+    assert main(["validate", str(ROOT / "pipelines" / name)]) == 0
+
+
+def test_quickstart_validates_against_the_full_shared_dev_set(shared_data, capsys):
+    dev = shared_data / "sst2" / "dev.tsv"
+    assert main(["validate", str(ROOT / "pipelines" / "quickstart.yaml"), "--set", f"data.eval.path={dev}"]) == 0
+    assert "/ 872 eval rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"model": "/no/such/model"}, "model: /no/such/model does not exist"),
+        ({"model": "someone/not-cached-anywhere"}, "looks like a hub id, but the hub cannot be reached"),
+        ({"steps": [{"kind": "export"}, {"kind": "finetune"}]}, "steps[1] (finetune) works on the torch model"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, recipe, capsys, monkeypatch, changes, expected):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    assert main(["run", recipe(**changes), "--out", str(out)]) == 2
+    assert expected in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_model_dir_without_config_exits_2(tmp_path, recipe, capsys):
+    (tmp_path / "empty-model").mkdir()
+    assert main(["validate", recipe(model=str(tmp_path / "empty-model"))]) == 2
+    assert "is not a Hugging Face model directory (no config.json)" in one_error_line(capsys)
+
+
+def test_out_that_is_not_a_run_exits_2_then_overwrite_clears_it(tmp_path, recipe, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("mine")
+    steps = [{"kind": "finetune", "max_steps": 2, "batch_size": 16}]
+    assert main(["run", recipe(steps=steps, bench={"enabled": False}), "--out", str(out)]) == 2
+    assert "not empty and not a compress run; pick another or pass --overwrite" in one_error_line(capsys)
+    assert (out / "todo.txt").read_text() == "mine"
+    assert main(["-q", "run", recipe(steps=steps, bench={"enabled": False}), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "todo.txt").exists() and (out / "00-finetune" / "compress.json").is_file()
+
+
+def test_real_process_exit_code_for_bad_input(tmp_path, recipe):
+    done = subprocess.run([sys.executable, "-m", "compress.cli", "validate", recipe(), "--set", "task=poetry"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "task: Input should be" in done.stderr
+
+
+def test_run_inspect_and_bench(tmp_path, recipe, capsys, sentiment_files):
+    out = tmp_path / "run"
+    assert main(["-q", "run", recipe(bench={"enabled": False}), "--out", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "01-export  [sequence-classification, deploys onnx fp32]" in shown
+    assert "model.onnx" in shown and "max_abs_diff=" in shown
+    bench_out = tmp_path / "bench"
+    assert main(["-q", "bench", str(out / "01-export"), "--data", str(sentiment_files["dev"]), "--text", "sentence",
+                 "--runs", "10", "--out", str(bench_out)]) == 0
+    results = json.loads((bench_out / "results.json").read_text())
+    assert [row["name"] for row in results["rows"]] == ["01-export"]
+    assert 0.0 <= results["rows"][0]["metric"]["value"] <= 1.0
+
+
+def test_altered_graph_fails_export_with_exit_3_and_leaves_nothing(tmp_path, tiny_bert_dir, capsys, monkeypatch):
+    import compress.passes.export as export_pass
+
+    real_optimize = export_pass.optimize_onnx
+
+    def optimize_then_damage(path, config):
+        fused = real_optimize(path, config)
+        graph = onnx.load(path)
+        weight = next(t for t in graph.graph.initializer if len(t.dims) == 2 and t.dims[0] == 32)
+        values = onnx.numpy_helper.to_array(weight) * np.float32(1.5)
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+        onnx.save(graph, path)
+        return fused
+
+    monkeypatch.setattr(export_pass, "optimize_onnx", optimize_then_damage)
+    out = tmp_path / "exported"
+    assert main(["-q", "export", str(tiny_bert_dir), "--task", "sequence-classification", "--out", str(out)]) == 3
+    assert "values differ beyond tolerance" in one_error_line(capsys)
+    assert not out.exists() and not list(tmp_path.glob(".exported*"))
+
+
+@pytest.mark.slow
+def test_export_real_minilm_loads_with_optimum(tmp_path, capsys):
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "minilm-onnx"
+    assert main(["-q", "export", "minilm-l6", "--task", "sequence-classification", "--out", str(out)]) == 0
+    manifest = json.loads((out / "compress.json").read_text())
+    assert manifest["deploys"] == "onnx" and manifest["history"][0]["effect"]["max_abs_diff"] < 1e-4
+    model = ORTModelForSequenceClassification.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    logits = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
+    assert tuple(logits.shape) == (1, 2)
