@@ -130,6 +130,7 @@ class PTQStep(Step):
     dtype: Literal["int8"] = "int8"
     per_channel: bool = True
     reduce_range: bool = False  # 7-bit weights: avoids u8s8 saturation on CPUs without VNNI
+    keep_fp32: list[str] = []  # graph nodes whose name contains any of these stay fp32, e.g. [down_proj]
     verify: QuantTolerance = QuantTolerance()
 
 

@@ -5,15 +5,34 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from compress.evalset import EvalSet
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "plot", "actor", "scene", "story", "fun", "dull", "slow", "fast", "love", "hate", "the", "a", "is", "was", "not", "very", "really", "quite", "an", "and", "but", "of", "to", "it", "this", "that"]
 
 
+POSITIVE, NEGATIVE = ("good", "great", "fun", "love"), ("bad", "awful", "dull", "hate")
+FILLER = [w for w in WORDS if w not in POSITIVE + NEGATIVE]
+
+# Eight rows of different lengths for the classification and causal-LM eval sets below.
+SENTENCES = [
+    "good movie and a great plot",
+    "awful film",
+    "the actor was not very fun but the story was",
+    "dull slow scene",
+    "i love this really fast story",
+    "bad",
+    "quite a good film",
+    "hate the plot and the actor and the scene",
+]
+LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
+
+
 def _sentence(rng: random.Random, positive: bool) -> str:
-    mood = ("good", "great", "fun", "love") if positive else ("bad", "awful", "dull", "hate")
-    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))] + [rng.choice(mood)]
+    words = [rng.choice(FILLER) for _ in range(rng.randint(3, 12))] + [rng.choice(POSITIVE if positive else NEGATIVE)]
     rng.shuffle(words)
     return " ".join(words)
 
@@ -70,6 +89,46 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_bert_dir):
+    """(model, tokenizer): the tiny BERT with a seeded 2-label head, in eval mode. Shared: do not change it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_bert_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tiny_llama_dir):
+    """(model, tokenizer): the tiny Llama in eval mode. Shared: do not change it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def _tokenized(tokenizer) -> dict[str, np.ndarray]:
+    """Right-padded int64 features of SENTENCES."""
+    return {k: v.astype(np.int64) for k, v in tokenizer(SENTENCES, padding=True, return_tensors="np").items()}
+
+
+@pytest.fixture(scope="session")
+def classification_evalset(tiny_classifier) -> EvalSet:
+    _, tokenizer = tiny_classifier
+    return EvalSet("sequence-classification", _tokenized(tokenizer), tokenizer.pad_token_id, np.array(LABELS))
+
+
+@pytest.fixture(scope="session")
+def lm_evalset(tiny_causal_lm) -> EvalSet:
+    """Right-padded rows of different lengths; every real token but the first is scored."""
+    _, tokenizer = tiny_causal_lm
+    features = _tokenized(tokenizer)
+    target_mask = features["attention_mask"].astype(bool)
+    target_mask[:, 0] = False
+    return EvalSet("causal-lm", features, tokenizer.pad_token_id, target_mask=target_mask)
 
 
 @pytest.fixture(scope="session")

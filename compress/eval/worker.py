@@ -42,9 +42,17 @@ def run(request: dict) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak. Linux keeps ru_maxrss across execve, so a worker started by a big parent
+    would report the parent's peak; VmHWM belongs to the new address space only."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return peak / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+    return peak / (1 << 20 if sys.platform == "darwin" else 1 << 10)  # macOS reports bytes, others KiB
 
 
 def main(argv: list[str]) -> None:

@@ -15,10 +15,10 @@ def restore_torch_threads():
     torch.set_num_threads(threads)
 
 
-def test_torch_and_onnx_classification_logits_agree(bert_classifier, bert_onnx_artifact, classification_evalset):
+def test_torch_and_onnx_classification_logits_agree(tiny_classifier, bert_onnx_artifact, classification_evalset):
     import torch
 
-    model, _ = bert_classifier
+    model, _ = tiny_classifier
     features = classification_evalset.features
     torch_logits = TorchRunner(model, threads=1).logits(features)
     assert torch.get_num_threads() == 1
@@ -28,8 +28,8 @@ def test_torch_and_onnx_classification_logits_agree(bert_classifier, bert_onnx_a
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4, rtol=0)
 
 
-def test_torch_runner_passes_only_what_forward_accepts(llama, lm_evalset):
-    model, tokenizer = llama
+def test_torch_runner_passes_only_what_forward_accepts(tiny_causal_lm, lm_evalset):
+    model, tokenizer = tiny_causal_lm
     features = dict(lm_evalset.features, token_type_ids=np.zeros_like(lm_evalset.features["input_ids"]))
     logits = TorchRunner(model).logits(features)
     assert logits.dtype == np.float32
@@ -37,8 +37,8 @@ def test_torch_runner_passes_only_what_forward_accepts(llama, lm_evalset):
 
 
 @pytest.mark.parametrize("task", ["text-generation", "text-generation-with-past"])
-def test_onnx_lm_derives_position_ids_and_matches_torch(llama, llama_onnx_dirs, lm_evalset, task):
-    model, _ = llama
+def test_onnx_lm_derives_position_ids_and_matches_torch(tiny_causal_lm, llama_onnx_dirs, lm_evalset, task):
+    model, _ = tiny_causal_lm
     runner = OrtRunner(llama_onnx_dirs[task] / "model.onnx")
     assert "position_ids" in {spec.name for spec in runner.inputs}
     assert "position_ids" not in lm_evalset.features

@@ -66,8 +66,8 @@ def test_onnx_worker_stays_free_of_torch_and_agrees(torch_result, bert_onnx_arti
     assert onnx_result["metric"]["value"] == pytest.approx(torch_result["metric"]["value"])
 
 
-def test_onnx_lm_worker_reports_the_torch_perplexity(llama, llama_onnx_dirs, lm_evalset, tmp_path):
-    model, tokenizer = llama
+def test_onnx_lm_worker_reports_the_torch_perplexity(tiny_causal_lm, llama_onnx_dirs, lm_evalset, tmp_path):
+    model, tokenizer = tiny_causal_lm
     graph = llama_onnx_dirs["text-generation-with-past"] / "model.onnx"
     artifact = Artifact("causal-lm", model.config, tokenizer, onnx_path=graph).save(tmp_path / "artifact")
     request, result = write_request(tmp_path, artifact, lm_evalset, real_length_samples=2)
