@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,8 +65,10 @@ def export_vs_optimum(workdir: Path) -> str:
          "the accuracy column is meaningless here."])
 
 
-def pipeline(recipe: str, name: str, workdir: Path, title: str, notes: list[str]) -> str:
-    out = workdir / name
+def pipeline(recipe: str, name: str, title: str, notes: list[str]) -> str:
+    """A fresh run into runs/bench-NAME (kept, so its stages and report can be inspected)."""
+    out = ROOT / "runs" / f"bench-{name}"
+    shutil.rmtree(out, ignore_errors=True)
     command = ["compress", "run", recipe, "--out", str(out)]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "compress.cli", *command[1:]], check=True, cwd=ROOT)
@@ -73,7 +76,7 @@ def pipeline(recipe: str, name: str, workdir: Path, title: str, notes: list[str]
     results = json.loads((out / "results.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     stages = ", ".join(f"{s['name']} {s['seconds']:.0f} s" for s in manifest["stages"])
-    return _section(title, f"compress run {recipe} --out runs/{name}   (fresh --out; timed by benchmarks/run.py)",
+    return _section(title, f"python benchmarks/run.py {name}   # = compress run {recipe} --out runs/bench-{name}",
                     results, [f"Wall time, fresh run after install: {wall / 60:.1f} min ({stages}, the rest is "
                               "verification, benchmark and start-up).", *notes])
 
@@ -102,10 +105,10 @@ def main(which: str) -> None:
 
     jobs = {
         "export": lambda w: export_vs_optimum(w),
-        "quickstart": lambda w: pipeline("pipelines/quickstart.yaml", "quickstart", w,
-                                         "Encoder quickstart (make demo)", []),
-        "llm": lambda w: pipeline("pipelines/llm-quickstart.yaml", "llm-quickstart", w,
-                                  "Decoder quickstart (SmolLM2-135M)", [GGUF_NOTE]),
+        "quickstart": lambda w: pipeline("pipelines/quickstart.yaml", "quickstart", "Encoder quickstart (make demo)",
+                                         []),
+        "llm": lambda w: pipeline("pipelines/llm-quickstart.yaml", "llm", "Decoder quickstart (SmolLM2-135M)",
+                                  [GGUF_NOTE]),
     }
     for key in jobs if which == "all" else [which]:
         with tempfile.TemporaryDirectory(prefix=f"bench-{key}-") as workdir:

@@ -160,9 +160,11 @@ class Recipe(Strict):
     @classmethod
     def _local_model_relative_to_recipe(cls, value: str, info: ValidationInfo) -> str:
         base = (info.context or {}).get("base_dir")
-        if base is None or not _looks_like_path(value):
+        if base is None:
             return value
-        return str((Path(base) / Path(value).expanduser()).resolve())
+        local = Path(base) / Path(value).expanduser()
+        # An explicit path, or one that exists beside the recipe; anything else is an alias or a hub id.
+        return str(local.resolve()) if value.startswith((".", "/", "~")) or local.exists() else value
 
     @model_validator(mode="after")
     def _coherent(self) -> Recipe:
@@ -176,10 +178,6 @@ class Recipe(Strict):
             raise ValueError(f"steps[{first}] ({self.steps[first].kind}) needs data.train")
         _check_order(self.steps)
         return self
-
-
-def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or Path(value).suffix != "" or value.count("/") > 1
 
 
 def _check_order(steps: list[Step]) -> None:

@@ -96,3 +96,9 @@ def test_not_a_mapping_and_not_yaml(tmp_path):
     assert "a recipe is a YAML mapping" in error(write(tmp_path, "- just\n- a list\n"))
     assert "not valid YAML" in error(write(tmp_path, "model: [unclosed\n"))
     assert "recipe file not found" in error(tmp_path / "absent.yaml")
+
+
+def test_hub_ids_with_dots_stay_hub_ids(tmp_path):
+    assert load_recipe(write(tmp_path, BASE.replace("minilm-l6", "microsoft/phi-1.5"))).model == "microsoft/phi-1.5"
+    (tmp_path / "mine").mkdir()
+    assert load_recipe(write(tmp_path, BASE.replace("minilm-l6", "mine"))).model == str(tmp_path / "mine")

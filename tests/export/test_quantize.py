@@ -15,3 +15,17 @@ def test_causal_lm_graph_quantizes(llama_onnx_dir, tmp_path):
     result = quantize_dynamic_int8(llama_onnx_dir / "model.onnx", tmp_path / "model.onnx", per_channel=False,
                                    reduce_range=True)
     assert result["int8_ops"]["MatMulInteger"] > 0 and result["bytes_after"] < result["bytes_before"]
+
+
+def test_keep_fp32_leaves_the_named_matmuls_alone(llama_onnx_dir, tmp_path):
+    import onnx
+
+    everything = quantize_dynamic_int8(llama_onnx_dir / "model.onnx", tmp_path / "all.onnx", per_channel=True,
+                                       reduce_range=True)
+    kept = quantize_dynamic_int8(llama_onnx_dir / "model.onnx", tmp_path / "kept.onnx", per_channel=True,
+                                 reduce_range=True, keep_fp32=["down_proj"])
+    assert everything["kept_fp32_nodes"] == 0 and kept["kept_fp32_nodes"] == 2  # one per layer
+    nodes = onnx.load(str(tmp_path / "kept.onnx")).graph.node
+    down = [n.op_type for n in nodes if "down_proj" in n.name]
+    assert down == ["MatMul", "MatMul"]
+    assert kept["int8_ops"]["MatMulInteger"] == everything["int8_ops"]["MatMulInteger"] - 2
