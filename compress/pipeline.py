@@ -80,12 +80,13 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
                 "machine": machine_info(), "stages": []}
     _write_json(out / RUN_MANIFEST, manifest)
 
-    eval_sets: dict[int, EvalSet] = {}
+    eval_sets: dict[str, EvalSet] = {}
 
     def eval_set(tokenizer: Any) -> EvalSet:
-        if id(tokenizer) not in eval_sets:
-            eval_sets[id(tokenizer)] = build_eval_set(data, tokenizer, recipe.data)
-        return eval_sets[id(tokenizer)]
+        key = _tokenizer_key(tokenizer)  # each stage reloads its tokenizer: same vocabulary, same eval set
+        if key not in eval_sets:
+            eval_sets[key] = build_eval_set(data, tokenizer, recipe.data)
+        return eval_sets[key]
 
     runner = _StageRunner(recipe, out, data, eval_set, quiet)
     base = runner.base()
@@ -112,7 +113,6 @@ class _StageRunner:
         self.artifact: Artifact | None = None
         self.directory: Path | None = None
         self.key = ""
-        self.new_head = False
 
     def current(self) -> Artifact:
         if self.artifact is None:
@@ -123,7 +123,6 @@ class _StageRunner:
         started = time.perf_counter()
         loaded = models.load(self.recipe.model, self.recipe.task, self.data.label_names,
                              self.recipe.trust_remote_code, self.recipe.seed)
-        self.new_head = loaded.new_head
         self.artifact = Artifact(self.recipe.task, loaded.model.config, loaded.tokenizer, loaded.model,
                                  source=self.recipe.model)
         self.key = _hash(self.artifact.fingerprint, self.recipe.task, self.recipe.seed, self.data.label_names)
@@ -204,6 +203,12 @@ def _remove_stale_stages(out: Path, keep: set[str]) -> None:
     for path in out.iterdir():
         if path.is_dir() and (STAGE_NAME.match(path.name) or path.name.endswith(".partial")) and path.name not in keep:
             shutil.rmtree(path)
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    described = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{described}|{tokenizer.pad_token_id}".encode()).hexdigest()
 
 
 def _hash(*parts: Any) -> str:

@@ -81,7 +81,8 @@ def _table(rows: list[dict]) -> list[str]:
 def _metric_cell(metric: dict, delta: float) -> str:
     if metric["name"] == "accuracy":
         return f"{metric['value']:.2%} ({delta * 100:+.2f} pt)"
-    return f"{metric['value']:.4g} ({delta:+.4g})"
+    baseline = metric["value"] - delta  # perplexity: the relative change is what compares across models
+    return f"{metric['value']:.2f} ({delta / baseline:+.2%})"
 
 
 def _write_atomic(path: Path, text: str) -> None:

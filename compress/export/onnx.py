@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ def export_onnx(model: Any, task: str, out_path: Path, opset: int) -> Path:
     # optimum writes config and tokenizer files beside the graph; keep only the graph.
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_path.parent) as scratch:
         try:
-            onnx_export_from_model(model, scratch, opset=opset, task=TASKS[task].optimum_task, do_validation=False)
+            with warnings.catch_warnings():  # tracer chatter about Python-side shapes; verification is the check
+                warnings.simplefilter("ignore")
+                onnx_export_from_model(model, scratch, opset=opset, task=TASKS[task].optimum_task,
+                                       do_validation=False)
         finally:
             if use_cache is not None:  # optimum's model patcher switches the cache off in the live config for good
                 model.config.use_cache = use_cache

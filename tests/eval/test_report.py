@@ -33,7 +33,7 @@ def test_report_lists_machine_rows_notes_and_versions(tmp_path):
     assert "Reproduce with" not in report
     assert "Test CPU 9000 (x86_64), 2 cores, benchmarked with 2 threads" in report
     assert "avx2, avx512_vnni" in report
-    assert "| int8-onnx | onnx | int8 | 12.75 (+0.25) | 10.00 | 15.00 | 4.00x | - | 3.0 | 512 |" in report
+    assert "| int8-onnx | onnx | int8 | 12.75 (+2.00%) | 10.00 | 15.00 | 4.00x | - | 3.0 | 512 |" in report
     assert "## Notes\n\n- int8 needs VNNI to pay off\n" in report
     assert "- onnxruntime 1.32.0" in report
     assert json.loads((tmp_path / "results.json").read_text()) == results
