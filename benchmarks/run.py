@@ -58,11 +58,11 @@ def export_vs_optimum(workdir: Path) -> str:
     return _section(
         "ONNX fp32 export vs optimum O2 vs PyTorch (MiniLM-L6, batch 1, length 128, 2 threads)",
         "python benchmarks/run.py export", results,
-        [f"compress export is {ours['speedup_p50']:.2f}x PyTorch fp32 at p50; optimum O2 is "
+        [(f"compress export is {ours['speedup_p50']:.2f}x PyTorch fp32 at p50; optimum O2 is "
          f"{theirs['speedup_p50']:.2f}x; compress vs optimum O2: "
-         f"{theirs['latency_ms']['p50'] / ours['latency_ms']['p50']:.2f}x.",
-         "Weights: all-MiniLM-L6-v2 with a fresh (untrained) 2-label head: latency does not depend on it, so "
-         "the accuracy column is meaningless here."])
+         f"{theirs['latency_ms']['p50'] / ours['latency_ms']['p50']:.2f}x."),
+         ("Weights: all-MiniLM-L6-v2 with a fresh (untrained) 2-label head: latency does not depend on it, so "
+         "the accuracy column is meaningless here.")])
 
 
 def pipeline(recipe: str, name: str, title: str, notes: list[str]) -> str:
@@ -77,15 +77,15 @@ def pipeline(recipe: str, name: str, title: str, notes: list[str]) -> str:
     manifest = json.loads((out / "manifest.json").read_text())
     stages = ", ".join(f"{s['name']} {s['seconds']:.0f} s" for s in manifest["stages"])
     return _section(title, f"python benchmarks/run.py {name}   # = compress run {recipe} --out runs/bench-{name}",
-                    results, [f"Wall time, fresh run after install: {wall / 60:.1f} min ({stages}, the rest is "
-                              "verification, benchmark and start-up).", *notes])
+                    results, [(f"Wall time, fresh run after install: {wall / 60:.1f} min ({stages}, the rest is "
+                              "verification, benchmark and start-up)."), *notes])
 
 
 def _section(title: str, command: str, results: dict, notes: list[str]) -> str:
     from compress.eval.report import render_report
 
     body = render_report(results, notes, command).replace("# Benchmark report\n", "")
-    body = re.sub(r"^## ", "#### ", body, flags=re.M)
+    body = re.sub(r"^## ", "#### ", body, flags=re.MULTILINE)
     return f"## {title}\n\nMeasured {time.strftime('%Y-%m-%d')}.\n{body}"
 
 
@@ -94,7 +94,7 @@ def write_section(key: str, text: str) -> None:
     current = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\nWritten by `benchmarks/run.py`.\n"
     block = f"{begin}\n{text}\n{end}"
     if begin in current:
-        current = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, current, flags=re.S)
+        current = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, current, flags=re.DOTALL)
     else:
         current = current.rstrip() + "\n\n" + block + "\n"
     RESULTS_MD.write_text(current)

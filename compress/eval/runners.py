@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from compress.arch import TASKS
 from compress.artifact import GRAPH, read_manifest
 
 ORT_DTYPES = {
@@ -97,8 +96,7 @@ def load_runner(artifact_dir: Path, threads: int) -> TorchRunner | OrtRunner:
     manifest = read_manifest(artifact_dir)
     if manifest["deploys"] == "onnx":
         return OrtRunner(artifact_dir / GRAPH, threads)
-    import transformers
+    from compress.models import auto_class
 
-    model_class = getattr(transformers, TASKS[manifest["task"]].auto_class)
     # dtype="auto": a torch artifact deploys at the precision it was saved in.
-    return TorchRunner(model_class.from_pretrained(artifact_dir, dtype="auto"), threads)
+    return TorchRunner(auto_class(manifest["task"]).from_pretrained(artifact_dir, dtype="auto"), threads)
