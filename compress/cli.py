@@ -210,9 +210,20 @@ def _inspect(args: argparse.Namespace) -> int:
         for name, digest in manifest["files"].items():
             print(f"  {name:<18} {(directory / name).stat().st_size / 1e6:9.2f} MB  sha256 {digest[:16]}…")
         for entry in manifest["history"]:
-            effect = ", ".join(f"{k}={v}" for k, v in entry["effect"].items() if not isinstance(v, (dict, list)))
+            effect = ", ".join(f"{k}={_brief(v)}" for k, v in entry["effect"].items() if _brief(v))
             print(f"  {entry.get('stage', entry['kind'])}: {effect}")
     return 0
+
+
+def _brief(value: Any) -> str:
+    """Scalars as they are (floats to 4 significant digits), a list of evaluations as its last one."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return "{" + ", ".join(f"{k} {_brief(v)}" for k, v in value[-1].items()) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {_brief(v)}" for k, v in value.items()) + "}" if value else ""
+    return "" if isinstance(value, list) else str(value)
 
 
 def _atomic_dir(out: Path, write: Any) -> None:

@@ -96,3 +96,23 @@ def test_full_run_writes_results_with_the_contract_fields(tmp_path, recipe_file)
         assert 0.0 <= row["metric"]["value"] <= 1.0 and row["latency_ms"]["p50"] <= row["latency_ms"]["p90"]
     assert results["rows"][0]["metric"]["value"] == outcome["results"]["rows"][0]["metric"]["value"]
     assert "| 02-ptq" in (out / "report.md").read_text()
+
+
+def test_causal_lm_run_benchmarks_the_base_model_and_both_graphs(tmp_path, tiny_llama_dir, text_file):
+    recipe = tmp_path / "llm.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(tiny_llama_dir), "task": "causal-lm",
+        "data": {"eval": {"path": str(text_file)}, "max_length": 32, "max_eval_tokens": 256},
+        "steps": [{"kind": "export"},
+                  {"kind": "ptq", "reduce_range": True, "verify": {"max_metric_drop": 1.0, "min_agreement": 0.0}}],
+        "bench": {"runs": 10, "warmup": 1, "seq_len": 16, "real_length_samples": 0},
+    }))
+    out = tmp_path / "run"
+    run_pipeline(load_recipe(recipe), out, quiet=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results["baseline"] == "base"
+    assert [(r["name"], r["precision"]) for r in results["rows"]] == [
+        ("base", "fp32"), ("00-export", "fp32"), ("01-ptq", "int8")]
+    base, exported, _ = (r["metric"] for r in results["rows"])
+    assert base["name"] == "perplexity" and 1.0 < base["value"] and abs(exported["value"] - base["value"]) < 1e-3
+    assert results["data"]["tokens"] == 256 and results["rows"][0]["seq_len"] == 16
