@@ -68,7 +68,9 @@ def read_table(src: DataSource, where: str, classify: bool) -> Any:
 
 
 def _read_file(src: DataSource, where: str) -> Any:
-    from datasets import load_dataset
+    from datasets import disable_progress_bars, load_dataset
+
+    disable_progress_bars()  # a local table loads in a blink: a bar per file is only noise
     from datasets.exceptions import DatasetGenerationError
 
     path = Path(src.path)
