@@ -160,7 +160,7 @@ def _export(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from compress.artifact import Artifact, read_manifest
     from compress.data import build_eval_set, load_task_data
-    from compress.eval.bench import Variant, run_bench
+    from compress.eval.bench import Variant, default_baseline, run_bench
     from compress.eval.report import write_results
     from compress.recipe import BenchConfig, DataConfig, DataSource
 
@@ -178,7 +178,8 @@ def _bench(args: argparse.Namespace) -> int:
     bench_cfg = BenchConfig(threads=args.threads, runs=args.runs, seq_len=args.seq_len)
     out = args.out or Path(f"bench-{args.path.resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
-    results = run_bench(variants, evals, bench_cfg, out / ".bench", variants[0].name, quiet=args.quiet)
+    baseline = default_baseline(variants)
+    results = run_bench(variants, evals, bench_cfg, out / ".bench", baseline, quiet=args.quiet)
     shutil.rmtree(out / ".bench", ignore_errors=True)
     write_results(results, out, command="compress " + shlex.join(sys.argv[1:]))
     print(f"report: {out / 'report.md'}")

@@ -165,12 +165,11 @@ class _StageRunner:
 
 def _bench(recipe: Recipe, out: Path, stages: list[Stage], runner: _StageRunner, eval_set: Callable, quiet: bool,
            command: str | None, data: TaskData) -> dict[str, Any]:
-    from compress.eval.bench import Variant, run_bench
+    from compress.eval.bench import Variant, default_baseline, run_bench
     from compress.eval.report import write_results
 
     variants = [Variant(s.name, s.directory, s.format, s.precision) for s in stages]
-    torch_rows = [v for v in variants if v.format == "torch"]
-    baseline = (torch_rows or variants)[-1].name
+    baseline = default_baseline(variants)
     evals = eval_set(runner.current().tokenizer)
     results = run_bench(variants, evals, recipe.bench, out / ".bench", baseline, quiet=quiet)
     results["data"] = {"eval_rows": len(evals), **evals.meta, **data.notes}

@@ -115,6 +115,11 @@ def test_run_inspect_and_bench(tmp_path, recipe, capsys, sentiment_files):
     results = json.loads((bench_out / "results.json").read_text())
     assert [row["name"] for row in results["rows"]] == ["01-export"]
     assert 0.0 <= results["rows"][0]["metric"]["value"] <= 1.0
+    assert main(["-q", "bench", str(out), "--data", str(sentiment_files["dev"]), "--text", "sentence",
+                 "--runs", "10", "--out", str(tmp_path / "bench-run")]) == 0
+    results = json.loads((tmp_path / "bench-run" / "results.json").read_text())
+    assert results["baseline"] == "00-finetune"
+    assert [(row["name"], row["format"]) for row in results["rows"]] == [("00-finetune", "torch"), ("01-export", "onnx")]
 
 
 def test_altered_graph_fails_export_with_exit_3_and_leaves_nothing(tmp_path, tiny_bert_dir, capsys, monkeypatch):

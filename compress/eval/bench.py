@@ -30,6 +30,12 @@ class Variant:
     precision: str
 
 
+def default_baseline(variants: list[Variant]) -> str:
+    """The last torch model (the one that got exported), or the first variant when none is torch."""
+    torch_variants = [v for v in variants if v.format == "torch"]
+    return torch_variants[-1].name if torch_variants else variants[0].name
+
+
 def run_bench(
     variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, workdir: Path, baseline: str, quiet: bool = False
 ) -> dict:
