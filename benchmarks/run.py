@@ -3,6 +3,7 @@
     python benchmarks/run.py export       # ONNX fp32 (ours) vs optimum export + ORTOptimizer O2 vs PyTorch fp32
     python benchmarks/run.py quickstart   # wall time and rows of `make demo`'s pipeline
     python benchmarks/run.py llm          # the decoder quickstart
+    python benchmarks/run.py llm-wikitext # the same on WikiText-2 test (needs ../shared/data)
     python benchmarks/run.py all
 """
 
@@ -65,20 +66,29 @@ def export_vs_optimum(workdir: Path) -> str:
          "the accuracy column is meaningless here.")])
 
 
-def pipeline(recipe: str, name: str, title: str, notes: list[str]) -> str:
+def pipeline(recipe: str, name: str, title: str, notes: list[str], overrides: tuple[str, ...] = ()) -> str:
     """A fresh run into runs/bench-NAME (kept, so its stages and report can be inspected)."""
     out = ROOT / "runs" / f"bench-{name}"
     shutil.rmtree(out, ignore_errors=True)
-    command = ["compress", "run", recipe, "--out", str(out)]
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    command = ["compress", "run", recipe, "--out", str(out), *sets]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "compress.cli", *command[1:]], check=True, cwd=ROOT)
     wall = time.perf_counter() - started
     results = json.loads((out / "results.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     stages = ", ".join(f"{s['name']} {s['seconds']:.0f} s" for s in manifest["stages"])
-    return _section(title, f"python benchmarks/run.py {name}   # = compress run {recipe} --out runs/bench-{name}",
+    shown = " ".join(["compress run", recipe, "--out", f"runs/bench-{name}", *sets])
+    return _section(title, f"python benchmarks/run.py {name}   # = {shown}",
                     results, [(f"Wall time, fresh run after install: {wall / 60:.1f} min ({stages}, the rest is "
                               "verification, benchmark and start-up)."), *notes])
+
+
+def _shared(relative: str) -> str:
+    """`relative` under ../shared/data, as a path relative to pipelines/ (where the recipes are)."""
+    if not (ROOT.parent / "shared" / "data" / relative).is_file():
+        sys.exit(f"../shared/data/{relative} not found: this benchmark reads ../shared/data beside the checkout")
+    return f"../../shared/data/{relative}"
 
 
 def _section(title: str, command: str, results: dict, notes: list[str]) -> str:
@@ -109,6 +119,9 @@ def main(which: str) -> None:
                                          []),
         "llm": lambda w: pipeline("pipelines/llm-quickstart.yaml", "llm", "Decoder quickstart (SmolLM2-135M)",
                                   [GGUF_NOTE]),
+        "llm-wikitext": lambda w: pipeline(
+            "pipelines/llm-quickstart.yaml", "llm-wikitext", "Decoder quickstart on WikiText-2 test (SmolLM2-135M)",
+            [GGUF_NOTE], (f"data.eval.path={_shared('wikitext2/wiki.test.raw')}",)),  # relative to the recipe
     }
     for key in jobs if which == "all" else [which]:
         with tempfile.TemporaryDirectory(prefix=f"bench-{key}-") as workdir:
