@@ -18,7 +18,7 @@ _PUBLIC = {
     "Recipe": "compress.recipe",
     "Artifact": "compress.artifact",
 }
-__all__ = ["__version__", *_PUBLIC]
+__all__ = ["Artifact", "Recipe", "__version__", "load_recipe", "run_pipeline"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,3 +16,7 @@ def test_importing_compress_does_not_import_torch():
     code = "import sys, compress; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_all_lists_exactly_the_public_names():
+    assert set(compress.__all__) == {"__version__", *compress._PUBLIC}
