@@ -31,8 +31,8 @@ RUN_FORMAT = "compress-run/1"
 RUN_MANIFEST = "manifest.json"
 STAGE_RECORD = "stage.json"
 STAGE_NAME = re.compile(r"^(base|\d\d-[a-z_]+)$")
-GGUF_NOTE = ("smollm2-135m is dequantized from a Q4_1 GGUF: its 'fp32' weights lie on a 4-bit grid, so "
-             "quantizing them loses less than it would on a model trained in full precision.")
+GGUF_NOTE = ("smollm2-135m is dequantized from a Q4_1 GGUF: its 'fp32' weights lie on a 4-bit grid, so its "
+             "int8 results need not match what int8 does to a model trained in full precision.")
 
 
 @dataclass
