@@ -53,7 +53,7 @@ def export_vs_optimum(workdir: Path) -> str:
                 Variant("compress export (ORT fp32)", workdir / "compress-onnx", "onnx", "fp32"),
                 Variant("optimum export + ORTOptimizer O2", workdir / "optimum-o2", "onnx", "fp32")]
     bench = BenchConfig(batch_size=1, seq_len=128, threads=2, warmup=20, runs=300, real_length_samples=100)
-    results = run_bench(variants, evals, bench, workdir / "bench", "pytorch fp32")
+    results = run_bench(variants, evals, bench, "pytorch fp32")
     rows = {r["name"]: r for r in results["rows"]}
     ours, theirs = rows["compress export (ORT fp32)"], rows["optimum export + ORTOptimizer O2"]
     return _section(

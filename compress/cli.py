@@ -179,8 +179,7 @@ def _bench(args: argparse.Namespace) -> int:
     out = args.out or Path(f"bench-{args.path.resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
     baseline = default_baseline(variants)
-    results = run_bench(variants, evals, bench_cfg, out / ".bench", baseline, quiet=args.quiet)
-    shutil.rmtree(out / ".bench", ignore_errors=True)
+    results = run_bench(variants, evals, bench_cfg, baseline, quiet=args.quiet)
     write_results(results, out, command="compress " + shlex.join(sys.argv[1:]))
     print(f"report: {out / 'report.md'}")
     return 0

@@ -171,7 +171,7 @@ def _bench(recipe: Recipe, out: Path, stages: list[Stage], runner: _StageRunner,
     variants = [Variant(s.name, s.directory, s.format, s.precision) for s in stages]
     baseline = default_baseline(variants)
     evals = eval_set(runner.current().tokenizer)
-    results = run_bench(variants, evals, recipe.bench, out / ".bench", baseline, quiet=quiet)
+    results = run_bench(variants, evals, recipe.bench, baseline, quiet=quiet)
     results["data"] = {"eval_rows": len(evals), **evals.meta, **data.notes}
     notes = [f"Baseline: {baseline} (the last torch fp32 model before export)."]
     if recipe.model == "smollm2-135m":
@@ -182,7 +182,6 @@ def _bench(recipe: Recipe, out: Path, stages: list[Stage], runner: _StageRunner,
     if "eval_split" in data.notes:
         notes.append(f"Eval rows carved from train: {data.notes['eval_split']}.")
     write_results(results, out, notes=notes, command=command)
-    shutil.rmtree(out / ".bench", ignore_errors=True)
     return results
 
 

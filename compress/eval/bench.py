@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,24 +37,22 @@ def default_baseline(variants: list[Variant]) -> str:
     return torch_variants[-1].name if torch_variants else variants[0].name
 
 
-def run_bench(
-    variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, workdir: Path, baseline: str, quiet: bool = False
-) -> dict:
+def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, baseline: str, quiet: bool = False) -> dict:
     """Metric, latency, size and peak memory of every variant, with speed-up and metric change vs `baseline`."""
     names = [variant.name for variant in variants]
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not among the variants ({', '.join(names)})")
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique: {', '.join(names)}")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    evalset_path = workdir / "evalset.npz"
-    evalset.save(evalset_path)
     measured = {}
-    for variant in tqdm(variants, desc="bench", unit="variant", disable=quiet):
-        measured[variant.name] = _run_worker(variant, evalset_path, cfg, workdir)
-        if not quiet:
-            tqdm.write(_summary_line(variant, measured[variant.name]), file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as scratch:  # requests, results, the eval arrays
+        workdir = Path(scratch)
+        evalset_path = workdir / "evalset.npz"
+        evalset.save(evalset_path)
+        for variant in tqdm(variants, desc="bench", unit="variant", disable=quiet):
+            measured[variant.name] = _run_worker(variant, evalset_path, cfg, workdir)
+            if not quiet:
+                tqdm.write(_summary_line(variant, measured[variant.name]), file=sys.stderr)
     reference = measured[baseline]
     return {
         "baseline": baseline,
@@ -122,13 +121,7 @@ def _row(variant: Variant, measured: dict, reference: dict, cfg: BenchConfig) ->
 
 
 def _size_bytes(variant: Variant) -> int:
-    directory = Path(variant.artifact_dir)
-    if variant.format == "onnx":
-        # A graph over 2 GB keeps its weights in an external data file beside it.
-        files = [directory / GRAPH, directory / f"{GRAPH}_data"]
-    else:
-        files = [directory / WEIGHTS]
-    return sum(path.stat().st_size for path in files if path.is_file())
+    return (Path(variant.artifact_dir) / (GRAPH if variant.format == "onnx" else WEIGHTS)).stat().st_size
 
 
 def _summary_line(variant: Variant, measured: dict) -> str:

@@ -17,7 +17,7 @@ def test_bench_compares_variants_and_reports(bert_torch_artifact, bert_onnx_arti
                                              tmp_path):
     variants = [Variant("fp32-torch", bert_torch_artifact, "torch", "fp32"),
                 Variant("fp32-onnx", bert_onnx_artifact, "onnx", "fp32")]
-    results = run_bench(variants, classification_evalset, CONFIG, tmp_path / "work", baseline="fp32-torch",
+    results = run_bench(variants, classification_evalset, CONFIG, baseline="fp32-torch",
                         quiet=True)
 
     assert set(results) == {"baseline", "machine", "versions", "bench", "rows"}
@@ -48,10 +48,10 @@ def test_failed_worker_raises_with_its_stderr(classification_evalset, tmp_path):
     not_an_artifact.mkdir()
     variants = [Variant("broken", not_an_artifact, "onnx", "fp32")]
     with pytest.raises(RuntimeError, match="not a compress artifact"):
-        run_bench(variants, classification_evalset, CONFIG, tmp_path / "work", baseline="broken", quiet=True)
+        run_bench(variants, classification_evalset, CONFIG, baseline="broken", quiet=True)
 
 
-def test_unknown_baseline_is_refused_before_running(bert_onnx_artifact, classification_evalset, tmp_path):
+def test_unknown_baseline_is_refused_before_running(bert_onnx_artifact, classification_evalset):
     with pytest.raises(ValueError, match="baseline"):
-        run_bench([Variant("a", bert_onnx_artifact, "onnx", "fp32")], classification_evalset, CONFIG, tmp_path,
-                  baseline="b", quiet=True)
+        run_bench([Variant("a", bert_onnx_artifact, "onnx", "fp32")], classification_evalset, CONFIG, baseline="b",
+                  quiet=True)
