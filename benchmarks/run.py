@@ -37,8 +37,7 @@ def export_vs_optimum(workdir: Path) -> str:
 
     labels = ["negative", "positive"]
     loaded = models.load("minilm-l6", "sequence-classification", labels)
-    torch_dir = Artifact("sequence-classification", loaded.model.config, loaded.tokenizer, loaded.model,
-                         source="minilm-l6").save(workdir / "torch-fp32")
+    torch_dir = loaded.artifact().save(workdir / "torch-fp32")
     subprocess.run([sys.executable, "-m", "compress.cli", "-q", "export", str(torch_dir), "--out",
                     str(workdir / "compress-onnx")], check=True)
     onnx_export_from_model(loaded.model, workdir / "optimum-raw", task="text-classification", do_validation=False)

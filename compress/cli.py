@@ -138,8 +138,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         if args.task is None:
             raise ArtifactError(f"--task: {args.model} is not a compress artifact; say which task to export")
-        loaded = models.load(args.model, args.task)
-        artifact = Artifact(args.task, loaded.model.config, loaded.tokenizer, loaded.model, source=args.model)
+        artifact = models.load(args.model, args.task).artifact()
     if artifact.model is None:
         raise ArtifactError(f"{args.model}: holds no torch model to export (it is already an ONNX artifact)")
     texts = read_table(DataSource(path=str(args.data), text=args.text), "--data", False)["text"] if args.data \

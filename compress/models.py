@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from compress.arch import TASKS
+from compress.artifact import Artifact
 from compress.errors import MissingPackageError, ModelLoadError, OfflineError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -38,10 +39,15 @@ EMBEDDED: dict[str, Embedded] = {
 
 @dataclass
 class Loaded:
+    spec: str
+    task: str
     model: Any
     tokenizer: Any
     directory: Path | str  # where the weights came from
     new_head: bool  # a task head was initialised randomly: the model needs fine-tuning to mean anything
+
+    def artifact(self) -> Artifact:
+        return Artifact(self.task, self.model.config, self.tokenizer, self.model, source=self.spec)
 
 
 def auto_class(task: str) -> Any:
@@ -92,7 +98,7 @@ def load(spec: str, task: str, label_names: list[str] | None = None, trust_remot
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(model.eval(), tokenizer, source, new_head=bool(info["missing_keys"]))
+    return Loaded(spec, task, model.eval(), tokenizer, source, new_head=bool(info["missing_keys"]))
 
 
 def _embedded_dir(alias: str, embedded: Embedded) -> Path:

@@ -123,8 +123,7 @@ class _StageRunner:
         started = time.perf_counter()
         loaded = models.load(self.recipe.model, self.recipe.task, self.data.label_names,
                              self.recipe.trust_remote_code, self.recipe.seed)
-        self.artifact = Artifact(self.recipe.task, loaded.model.config, loaded.tokenizer, loaded.model,
-                                 source=self.recipe.model)
+        self.artifact = loaded.artifact()
         self.key = _hash(self.artifact.fingerprint, self.recipe.task, self.recipe.seed, self.data.label_names)
         if loaded.new_head and self.recipe.steps:
             return Stage("base", self.key, Path(), "skipped", 0.0, "torch", "fp32")

@@ -11,8 +11,7 @@ from compress.recipe import FinetuneStep
 
 def test_save_and_load_round_trip_is_bit_for_bit(tmp_path, tiny_bert_dir):
     loaded = models.load(str(tiny_bert_dir), "sequence-classification", ["neg", "pos"])
-    artifact = Artifact("sequence-classification", loaded.model.config, loaded.tokenizer, loaded.model,
-                        source="tiny").evolve({"kind": "finetune", "config": FinetuneStep().model_dump(), "effect": {}})
+    artifact = loaded.artifact().evolve({"kind": "finetune", "config": FinetuneStep().model_dump(), "effect": {}})
     artifact.save(tmp_path / "a")
     again = Artifact.load(tmp_path / "a")
     batch = loaded.tokenizer(["good movie", "the plot was dull and slow"], padding=True, return_tensors="pt")

@@ -1,7 +1,6 @@
 import torch
 
 from compress import models
-from compress.artifact import Artifact
 from compress.context import Context
 from compress.data import build_eval_set, load_task_data
 from compress.passes import finetune
@@ -16,7 +15,7 @@ def setup(tmp_path, model_dir, files, task="sequence-classification", **data):
     })
     task_data = load_task_data(recipe.data, task)
     loaded = models.load(str(model_dir), task, task_data.label_names)
-    artifact = Artifact(task, loaded.model.config, loaded.tokenizer, loaded.model)
+    artifact = loaded.artifact()
     ctx = Context(recipe, tmp_path, task_data, lambda tok: build_eval_set(task_data, tok, recipe.data), quiet=True)
     return artifact, ctx
 
