@@ -10,7 +10,6 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PositiveInt,
     ValidationInfo,
@@ -18,14 +17,12 @@ from pydantic import (
     model_validator,
 )
 
+from compress.settings import BenchConfig, FloatTolerance, QuantTolerance, Strict, TrainSettings
+
 Task = Literal["sequence-classification", "causal-lm"]
 
 # Where a step works: on the torch model, by turning it into an ONNX graph, or on that graph.
 TORCH, EXPORT, ONNX = "torch", "export", "onnx"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataSource(Strict):
@@ -80,35 +77,13 @@ class Step(Strict):
     needs_training_data: ClassVar[bool] = False
 
 
-class FinetuneStep(Step):
+class FinetuneStep(TrainSettings, Step):
     """Train the whole model on the task (AdamW, linear warm-up and decay, eval each epoch)."""
 
     level: ClassVar[str] = TORCH
     needs_training_data: ClassVar[bool] = True
     kind: Literal["finetune"] = "finetune"
-    epochs: PositiveInt = 1
-    max_steps: PositiveInt | None = None  # stop early after this many optimizer steps
-    batch_size: PositiveInt = 32
-    lr: float = Field(5e-5, gt=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
     freeze_embeddings: bool = False  # about 2.5x faster on a CPU, small accuracy cost
-
-
-class FloatTolerance(Strict):
-    """An fp32 graph must match torch elementwise: |onnx - torch| <= atol + rtol * |torch|."""
-
-    atol: float = Field(1e-4, ge=0)
-    rtol: float = Field(1e-3, ge=0)
-    samples: PositiveInt = 32  # eval rows (or windows) compared
-
-
-class QuantTolerance(Strict):
-    """A quantized graph is judged by its task: metric drop and prediction agreement vs. its input."""
-
-    max_metric_drop: float = Field(0.01, ge=0)  # accuracy points as a fraction; perplexity: relative rise
-    min_agreement: float = Field(0.95, ge=0, le=1)  # fraction of argmax predictions (tokens for LMs) equal
-    samples: PositiveInt | None = None  # eval rows (or windows) used; all when absent
 
 
 class ExportStep(Step):
@@ -135,16 +110,6 @@ class PTQStep(Step):
 
 
 AnyStep = Annotated[FinetuneStep | ExportStep | PTQStep, Field(discriminator="kind")]
-
-
-class BenchConfig(Strict):
-    enabled: bool = True
-    batch_size: PositiveInt = 1
-    seq_len: PositiveInt = 128  # fixed padded length (causal LM: a forward pass of this many tokens)
-    threads: PositiveInt = 2
-    warmup: int = Field(10, ge=0)
-    runs: int = Field(100, ge=10)  # p50 / p90 over this many timed runs
-    real_length_samples: int = Field(100, ge=0)  # eval rows timed at their own length, batch 1
 
 
 class Recipe(Strict):

@@ -1,0 +1,63 @@
+"""Settings blocks shared by the recipe schema and the low-level modules that act on them.
+
+Kept apart from `recipe.py` so training, verification and the benchmark depend on these few classes only,
+never on the step registry.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class TrainSettings(Strict):
+    """Shared by every step that trains (finetune, distill, qat, pruning recovery), written flat in the step."""
+
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None  # stop after this many optimizer steps
+    batch_size: PositiveInt = 32
+    lr: float = Field(5e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_accum: PositiveInt = 1  # micro-batches per optimizer step
+    # auto: bf16 autocast where the device computes bf16 natively (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else fp32.
+    # fp16 needs a GPU (a gradient scaler guards it).
+    precision: Precision = "fp32"
+    checkpoint_every: PositiveInt | None = None  # optimizer steps between resumable checkpoints
+
+
+class FloatTolerance(Strict):
+    """An fp32 graph must match torch elementwise: |onnx - torch| <= atol + rtol * |torch|."""
+
+    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(1e-3, ge=0)
+    samples: PositiveInt = 32  # eval rows (or windows) compared
+
+
+class QuantTolerance(Strict):
+    """A quantized graph is judged by its task: metric drop and prediction agreement vs. its input."""
+
+    max_metric_drop: float = Field(0.01, ge=0)  # accuracy points as a fraction; perplexity: relative rise
+    min_agreement: float = Field(0.95, ge=0, le=1)  # fraction of argmax predictions (tokens for LMs) equal
+    samples: PositiveInt | None = None  # eval rows (or windows) used; all when absent
+
+
+class BenchConfig(Strict):
+    enabled: bool = True
+    baseline: str | None = None  # a stage ("@00-finetune"); default: the last output of a non-compressing step
+    batch_size: PositiveInt = 1
+    seq_len: PositiveInt = 128  # fixed length, filled with real tokens (causal LM: one forward pass)
+    threads: PositiveInt = 2
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(100, ge=10)  # timed runs per variant, spread over the rounds
+    rounds: int = Field(3, ge=3)  # variants are timed interleaved: A B C, A B C, ...
+    real_length_samples: int = Field(100, ge=0)  # eval rows timed at their own length, batch 1
+    timeout_s: int = Field(900, ge=10)  # a worker that does not answer a request within this is stopped
