@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from compress.errors import ModelLoadError
 
@@ -39,6 +40,13 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "causal-lm": TaskSpec("AutoModelForCausalLM", "ORTModelForCausalLM", "text-generation", "perplexity", False),
 }
+
+
+def auto_class(task: str) -> Any:
+    """The transformers Auto class that loads a model for `task`."""
+    import transformers
+
+    return getattr(transformers, TASKS[task].auto_class)
 
 
 def family(model_type: str) -> Family:

@@ -1,8 +1,8 @@
-"""The one thing every pass receives and returns: model and/or ONNX graph, tokenizer, task, history.
+"""The one thing every pass receives and returns: model or ONNX graph, tokenizer, task, kind, history.
 
-On disk an artifact is a Hugging Face directory (config.json, model.safetensors and/or model.onnx,
-tokenizer files) plus `compress.json`, so `AutoModel*.from_pretrained` and optimum's
-`ORTModelFor*.from_pretrained` both load it.
+On disk an artifact is a Hugging Face directory (config.json, tokenizer files, and model.safetensors or
+model.onnx [+ model.onnx_data]) plus `compress.json`: the kind, the files' sha256 and the history. A torch
+stage loads with `AutoModelFor*.from_pretrained`, an ONNX stage with optimum's `ORTModelFor*`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import ArtifactError
+from compress.kinds import TORCH_FP32, Kind
 from compress.sysinfo import library_versions
 
 MANIFEST = "compress.json"
 WEIGHTS = "model.safetensors"
 GRAPH = "model.onnx"
-FORMAT = "compress-artifact/1"
+GRAPH_DATA = "model.onnx_data"  # external weights of a graph over 2 GB; the graph refers to it by this name
+FORMAT = "compress-artifact/2"
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -29,15 +32,19 @@ class Artifact:
     task: str
     config: Any  # transformers PretrainedConfig: architecture and label names
     tokenizer: Any
-    model: Any = None  # torch PreTrainedModel, or None once only the graph remains
-    onnx_path: Path | None = None
-    precision: str = "fp32"  # of what this artifact deploys: the graph if there is one, else the model
+    model: Any = None  # torch PreTrainedModel (torch kinds)
+    onnx_path: Path | None = None  # the graph (ONNX kinds)
+    kind: Kind = TORCH_FP32
     source: str = ""  # the model spec the pipeline started from
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def format(self) -> str:
-        return "onnx" if self.onnx_path is not None else "torch"
+        return self.kind.format
+
+    @property
+    def precision(self) -> str:
+        return self.kind.precision
 
     @property
     def label_names(self) -> list[str] | None:
@@ -51,22 +58,19 @@ class Artifact:
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        self._check_holds_its_kind()
         self.config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        if self.model is not None:
+        if self.format == "torch":
             self.model.save_pretrained(directory, safe_serialization=True)
-        if self.onnx_path is not None:
-            target = directory / GRAPH
-            if Path(self.onnx_path).resolve() != target.resolve():
-                shutil.copyfile(self.onnx_path, target)
-        files = {name: sha256_file(directory / name) for name in (WEIGHTS, GRAPH) if (directory / name).is_file()}
+        else:
+            _copy_graph(Path(self.onnx_path), directory)
         manifest = {
             "format": FORMAT,
             "task": self.task,
-            "precision": self.precision,
-            "deploys": self.format,
+            "kind": self.kind.to_json(),
             "source": self.source,
-            "files": files,
+            "files": {name: sha256_file(directory / name) for name in deployed_weights(directory, self.kind)},
             "history": self.history,
             "versions": library_versions(),
         }
@@ -77,45 +81,56 @@ class Artifact:
     def load(cls, directory: Path) -> Artifact:
         from transformers import AutoConfig, AutoTokenizer
 
-        from compress.models import auto_class
+        from compress.arch import auto_class
 
         directory = Path(directory)
         manifest = read_manifest(directory)
-        config = AutoConfig.from_pretrained(directory)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = None
-        if (directory / WEIGHTS).is_file():
-            model = auto_class(manifest["task"]).from_pretrained(directory).eval()
-        graph = directory / GRAPH
+        kind = Kind.from_json(manifest["kind"])
+        model = onnx_path = None
+        if kind.format == "torch":
+            dtype = TORCH_DTYPES.get(kind.weights, "float32")
+            model = auto_class(manifest["task"]).from_pretrained(directory, dtype=dtype).eval()
+        else:
+            onnx_path = directory / GRAPH
         return cls(
             task=manifest["task"],
-            config=config,
-            tokenizer=tokenizer,
+            config=AutoConfig.from_pretrained(directory),
+            tokenizer=AutoTokenizer.from_pretrained(directory),
             model=model,
-            onnx_path=graph if manifest["deploys"] == "onnx" else None,
-            precision=manifest["precision"],
+            onnx_path=onnx_path,
+            kind=kind,
             source=manifest.get("source", ""),
             history=manifest["history"],
         )
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the weights and graph this artifact deploys, for stage caching."""
-        if self.model is None and self.onnx_path is None:
-            raise ArtifactError("artifact has neither a torch model nor an ONNX graph")
+        """Identifies what this artifact computes (weights or graph, config, tokenizer), for stage caching."""
+        self._check_holds_its_kind()
         digest = hashlib.sha256(self.task.encode())
-        if self.model is not None:
+        digest.update(self.config.to_json_string(use_diff=False).encode())
+        digest.update(tokenizer_fingerprint(self.tokenizer).encode())
+        if self.format == "torch":
+            import torch
+
             for name, tensor in sorted(self.model.state_dict().items()):
                 digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        if self.onnx_path is not None:
-            digest.update(sha256_file(self.onnx_path).encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        else:
+            for path in graph_files(Path(self.onnx_path)):
+                digest.update(sha256_file(path).encode())
         return digest.hexdigest()
+
+    def _check_holds_its_kind(self) -> None:
+        held = self.model if self.format == "torch" else self.onnx_path
+        if held is None:
+            raise ArtifactError(f"artifact of kind {self.kind.describe()} holds no "
+                                f"{'torch model' if self.format == 'torch' else 'ONNX graph'}")
 
 
 def step_record(step: Any, **effect: Any) -> dict[str, Any]:
     """A history entry: the step's resolved settings and what the pass measured doing it."""
-    return {"kind": step.kind, "config": step.model_dump(mode="json"), "effect": effect}
+    return {"kind": step.kind, "config": step.model_dump(mode="json", by_alias=True), "effect": effect}
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -127,8 +142,28 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path}: unreadable ({err})") from None
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+        raise ArtifactError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT}); "
+                            "re-create it with this version of compress")
     return manifest
+
+
+def graph_files(graph: Path) -> list[Path]:
+    """The graph and, when its weights are external, their file beside it."""
+    data = graph.with_name(GRAPH_DATA)
+    return [graph, data] if data.is_file() else [graph]
+
+
+def deployed_weights(directory: Path, kind: Kind) -> list[str]:
+    """The weight or graph files of a stage, whose hashes `compress.json` records."""
+    if kind.format == "torch":
+        return sorted(path.name for path in directory.glob("model*.safetensors"))
+    return [path.name for path in graph_files(directory / GRAPH)]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    described = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{described}|{tokenizer.pad_token_id}".encode()).hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -137,3 +172,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _copy_graph(graph: Path, directory: Path) -> None:
+    for path in graph_files(graph):
+        target = directory / (GRAPH if path == graph else GRAPH_DATA)
+        if path.resolve() != target.resolve():
+            shutil.copyfile(path, target)

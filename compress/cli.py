@@ -10,11 +10,12 @@ import shlex
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compress import __version__
-from compress.errors import ArtifactError, CompressError
+from compress.errors import ArtifactError, CompressError, UsageError
 
 log = logging.getLogger("compress")
 # Used to verify a stand-alone export when no --data is given: real sentences, not random ids.
@@ -69,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--task", choices=["sequence-classification", "causal-lm"],
                         help="needed unless MODEL is a compress artifact")
     export.add_argument("--opset", type=int, default=17)
-    export.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime fusions")
+    export.add_argument("--fuse", action="store_true",
+                        help="also apply ONNX Runtime's fusions (faster there; the graph then loads in ONNX Runtime only)")
     export.add_argument("--data", type=Path, help="text file/table whose rows verify the export")
     export.add_argument("--text", default="text", help="text column of --data")
     export.set_defaults(handler=_export)
@@ -85,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-length", type=int, default=128, help="truncation, or causal LM context")
     bench.add_argument("--max-rows", type=int, help="classification: use only the first N eval rows")
     bench.add_argument("--threads", type=int, default=2)
-    bench.add_argument("--runs", type=int, default=100)
+    bench.add_argument("--runs", type=int, default=100, help="timed runs per variant, over all rounds")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds (A B C, A B C, ...)")
     bench.add_argument("--seq-len", type=int, default=128)
     bench.set_defaults(handler=_bench)
 
@@ -96,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from compress.kinds import Kind
     from compress.pipeline import run_pipeline
     from compress.recipe_loader import load_recipe
 
@@ -103,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     command = "compress " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     outcome = run_pipeline(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, command=command)
     for stage in outcome["stages"]:
-        print(f"{stage['name']:<14} {stage['status']:<9} {stage['format']} {stage['precision']}")
+        print(f"{stage['name']:<16} {stage['status']:<9} {Kind.from_json(stage['kind']).describe()}")
     if outcome["results"]:
         print(f"report: {args.out / 'report.md'}")
     return 0
@@ -131,25 +135,30 @@ def _export(args: argparse.Namespace) -> int:
     from compress.context import Context
     from compress.data import TaskData, build_eval_set, read_table
     from compress.passes import export as export_pass
-    from compress.recipe import DataSource, ExportStep, Recipe
+    from compress.passes import ort_fuse
+    from compress.recipe import DataConfig, DataSource, ExportStep, OrtFuseStep
 
+    step = _settings(ExportStep, {"opset": "--opset"}, opset=args.opset)
     if (Path(args.model) / MANIFEST).is_file():
         artifact = Artifact.load(Path(args.model))
     else:
         if args.task is None:
             raise ArtifactError(f"--task: {args.model} is not a compress artifact; say which task to export")
         artifact = models.load(args.model, args.task).artifact()
-    if artifact.model is None:
-        raise ArtifactError(f"{args.model}: holds no torch model to export (it is already an ONNX artifact)")
+    if artifact.format != "torch":
+        raise ArtifactError(f"{args.model}: holds no torch model to export (it is already {artifact.kind.describe()})")
     texts = read_table(DataSource(path=str(args.data), text=args.text), "--data", False)["text"] if args.data \
         else VERIFY_SENTENCES
-    recipe = Recipe.model_validate({"model": str(args.model), "task": artifact.task, "data": {"eval": {"path": "-"}}})
     data = TaskData(artifact.task, None, Dataset.from_dict({"text": list(texts)}), None, "")
-    step = ExportStep(opset=args.opset, optimize=not args.no_optimize)
+    data_cfg = DataConfig(eval=DataSource(path="-"))
 
     def export_into(partial: Path) -> None:
-        ctx = Context(recipe, partial, data, lambda tok: build_eval_set(data, tok, recipe.data), quiet=args.quiet)
-        export_pass.run(artifact, step, ctx).save(partial)
+        ctx = Context(stage_dir=partial, task=artifact.task, data=data, quiet=args.quiet,
+                      make_eval_set=lambda tok, split: build_eval_set(data, tok, data_cfg, split))
+        exported = export_pass.run(artifact, step, ctx)
+        if args.fuse:
+            exported = ort_fuse.run(exported, OrtFuseStep(), ctx)
+        exported.save(partial)
 
     _atomic_dir(args.out, export_into)
     print(f"exported: {args.out / 'model.onnx'}")
@@ -157,53 +166,83 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from compress.artifact import Artifact, read_manifest
+    from compress.artifact import Artifact
     from compress.data import build_eval_set, load_task_data
-    from compress.eval.bench import Variant, default_baseline, run_bench
+    from compress.eval.bench import Variant, run_bench
     from compress.eval.report import write_results
+    from compress.plan import PlannedStage, parent_on_same_format
     from compress.recipe import BenchConfig, DataConfig, DataSource
 
-    directories = _artifact_dirs(args.path)
-    manifests = [read_manifest(d) for d in directories]
-    task = manifests[0]["task"]
-    reference = Artifact.load(directories[0])
+    bench_cfg = _settings(BenchConfig, {"threads": "--threads", "runs": "--runs", "seq_len": "--seq-len",
+                                        "rounds": "--rounds"},
+                          threads=args.threads, runs=args.runs, seq_len=args.seq_len, rounds=args.rounds)
+    stages, baseline = _benchable(args.path)
+    reference = Artifact.load(stages[0].directory)
     source = DataSource(path=str(args.data.resolve()), text=args.text, text_pair=args.text_pair, label=args.label,
                         columns=args.columns)
-    cfg = DataConfig(eval=source, labels=reference.label_names, max_length=args.max_length,
-                     max_eval_rows=args.max_rows)
-    data = load_task_data(cfg, task)
-    evals = build_eval_set(data, reference.tokenizer, cfg)
-    variants = [Variant(d.name, d, m["deploys"], m["precision"]) for d, m in zip(directories, manifests)]
-    bench_cfg = BenchConfig(threads=args.threads, runs=args.runs, seq_len=args.seq_len)
+    cfg = _settings(DataConfig, {"max_length": "--max-length", "max_eval_rows": "--max-rows"}, eval=source,
+                    labels=reference.label_names, max_length=args.max_length, max_eval_rows=args.max_rows)
+    evals = build_eval_set(load_task_data(cfg, reference.task), reference.tokenizer, cfg)
+    planned = [PlannedStage(s.name, None, s.input, s.kind) for s in stages]
+    shown = {s.name for s in stages}
+    variants = [Variant(s.name, s.directory, s.kind.format, s.kind.precision,
+                        parent_on_same_format(planned, s.name, shown)) for s in stages]
     out = args.out or Path(f"bench-{args.path.resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
-    baseline = default_baseline(variants)
     results = run_bench(variants, evals, bench_cfg, baseline, quiet=args.quiet)
     write_results(results, out, command="compress " + shlex.join(sys.argv[1:]))
     print(f"report: {out / 'report.md'}")
     return 0
 
 
-def _artifact_dirs(path: Path) -> list[Path]:
-    from compress.artifact import MANIFEST
+@dataclass
+class _Found:
+    name: str
+    directory: Path
+    input: str | None
+    kind: Any
+    manifest: dict
+
+
+def _benchable(path: Path) -> tuple[list[_Found], str]:
+    """The artifacts under `path` (one artifact, or every finished stage of a run) and the baseline's name."""
+    from compress.artifact import MANIFEST, read_manifest
+    from compress.kinds import Kind
     from compress.pipeline import RUN_MANIFEST
 
     if (path / MANIFEST).is_file():
-        return [path]
+        manifest = read_manifest(path)
+        return [_Found(path.name, path, None, Kind.from_json(manifest["kind"]), manifest)], path.name
     if (path / RUN_MANIFEST).is_file():
-        stages = json.loads((path / RUN_MANIFEST).read_text()).get("stages", [])
-        found = [path / s["name"] for s in stages if (path / s["name"] / MANIFEST).is_file()]
+        run = json.loads((path / RUN_MANIFEST).read_text())
+        found = [_Found(s["name"], path / s["name"], s.get("input"), Kind.from_json(s["kind"]),
+                        read_manifest(path / s["name"]))
+                 for s in run.get("stages", []) if (path / s["name"] / MANIFEST).is_file()]
         if found:
-            return found
+            names = [f.name for f in found]
+            return found, run["baseline"] if run.get("baseline") in names else names[0]
     raise ArtifactError(f"{path}: neither a compress artifact nor a run directory with finished stages")
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from compress.artifact import read_manifest
+def _settings(cls: Any, flags: dict[str, str], **values: Any) -> Any:
+    """Build a settings block from command-line flags; a bad value becomes one line naming the flag."""
+    from pydantic import ValidationError
 
-    for directory in _artifact_dirs(args.path):
-        manifest = read_manifest(directory)
-        print(f"{directory}  [{manifest['task']}, deploys {manifest['deploys']} {manifest['precision']}]")
+    from compress.recipe_loader import describe
+
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        error = err.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = describe({**error, "loc": ()})
+        raise UsageError(f"{flags.get(field, field)}: {message} (got {error.get('input')!r})") from None
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    for found in _benchable(args.path)[0]:
+        directory, manifest = found.directory, found.manifest
+        print(f"{directory}  [{manifest['task']}, {found.kind.describe()}]")
         if manifest.get("source"):
             print(f"  source: {manifest['source']}")
         for name, digest in manifest["files"].items():

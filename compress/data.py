@@ -21,31 +21,77 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".tx
 @dataclass
 class TaskData:
     task: str
-    train: Any  # datasets.Dataset or None; columns: text, [text_pair], [label] (int ids)
-    eval: Any  # datasets.Dataset
+    # datasets.Dataset tables with columns text, [text_pair], [label] (int ids). `train` never holds the
+    # validation rows; `calib` is None when calibration samples come from `train`.
+    train: Any
+    eval: Any
     label_names: list[str] | None
     fingerprint: str  # of the files' bytes and the settings that shaped them, for stage caching
     notes: dict[str, Any] = field(default_factory=dict)
+    validation: Any = None
+    calib: Any = None
+
+    def table(self, split: str) -> Any:
+        """`eval`, `validation`, `train`, or `calib` (which falls back to train)."""
+        table = self.train if split == "calib" and self.calib is None else getattr(self, split)
+        if table is None:
+            needs = {"train": "data.train", "validation": "data.train or data.validation",
+                     "calib": "data.train or data.calib"}
+            raise DataError(f"this step needs {needs.get(split, 'data.' + split)} in the recipe")
+        return table
+
+
+SOURCES = ("train", "eval", "validation", "calib")
 
 
 def load_task_data(cfg: DataConfig, task: str, seed: int = 0) -> TaskData:
     classify = task == "sequence-classification"
-    tables = {name: read_table(src, f"data.{name}", classify) for name, src in (("train", cfg.train), ("eval", cfg.eval))
-              if src is not None}
+    # Calibration needs inputs only: its rows may be unlabelled.
+    tables = {name: read_table(getattr(cfg, name), f"data.{name}", classify and name != "calib") for name in SOURCES
+              if getattr(cfg, name) is not None}
     notes: dict[str, Any] = {}
     if "eval" not in tables:
-        split = tables["train"].train_test_split(test_size=cfg.eval_fraction, seed=seed)
-        tables = {"train": split["train"], "eval": split["test"]}
-        notes["eval_split"] = {"carved_from": "data.train", "fraction": cfg.eval_fraction, "seed": seed,
-                               "rows": len(split["test"])}
+        tables["train"], tables["eval"], notes["eval_split"] = carve(tables["train"], task, cfg.eval_fraction, None, seed)
+    if "validation" not in tables and "train" in tables:
+        tables["train"], tables["validation"], notes["validation_split"] = carve(
+            tables["train"], task, cfg.validation_fraction, cfg.validation_max_rows, seed)
     label_names = None
     if classify:
         label_names = _label_names(tables, cfg.labels)
-        tables = {name: _encode_labels(table, label_names, f"data.{name}", tables.get("train") is not None)
+        tables = {name: table if name == "calib" else
+                  _encode_labels(table, label_names, f"data.{name}", tables.get("train") is not None)
                   for name, table in tables.items()}
         if cfg.max_eval_rows:
             tables["eval"] = tables["eval"].select(range(min(cfg.max_eval_rows, len(tables["eval"]))))
-    return TaskData(task, tables.get("train"), tables["eval"], label_names, _fingerprint(cfg, task, seed), notes)
+    return TaskData(task, tables.get("train"), tables["eval"], label_names, _fingerprint(cfg, task, seed), notes,
+                    validation=tables.get("validation"), calib=tables.get("calib"))
+
+
+def carve(table: Any, task: str, fraction: float, cap: int | None, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(rest, carved, note): a seeded share of a table's rows; for causal LM text, the last lines of the text."""
+    if task == "causal-lm":
+        return _carve_text_tail(table, fraction, cap)
+    rows = max(1, round(len(table) * fraction))
+    rows = min(rows, cap) if cap else rows
+    if rows >= len(table):
+        raise DataError(f"data.train: {len(table)} rows are too few to carve {rows} off")
+    split = table.train_test_split(test_size=rows, seed=seed)
+    return split["train"], split["test"], {"carved_from": "data.train", "fraction": fraction, "seed": seed,
+                                           "rows": rows}
+
+
+def _carve_text_tail(table: Any, fraction: float, cap: int | None) -> tuple[Any, Any, dict[str, Any]]:
+    """Language-model text is one stream: hold out its last lines, so neither part has holes."""
+    from datasets import Dataset
+
+    lines = "\n".join(table["text"]).splitlines()
+    count = max(1, round(len(lines) * fraction))
+    count = min(count, cap) if cap else count
+    if count >= len(lines):
+        raise DataError(f"data.train: {len(lines)} lines of text are too few to carve {count} off")
+    head, tail = lines[:-count], lines[-count:]
+    note = {"carved_from": "data.train", "fraction": fraction, "lines": count, "how": "last lines of the text"}
+    return Dataset.from_dict({"text": ["\n".join(head)]}), Dataset.from_dict({"text": ["\n".join(tail)]}), note
 
 
 def read_table(src: DataSource, where: str, classify: bool) -> Any:
@@ -137,26 +183,28 @@ def _encode_labels(table: Any, names: list[str], where: str, against_train: bool
 
 def _fingerprint(cfg: DataConfig, task: str, seed: int) -> str:
     digest = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), task, seed], sort_keys=True).encode())
-    for src in (cfg.train, cfg.eval):
+    for src in (getattr(cfg, name) for name in SOURCES):
         if src is not None and src.path:
             digest.update(Path(src.path).read_bytes())
     return digest.hexdigest()
 
 
-def build_eval_set(data: TaskData, tokenizer: Any, cfg: DataConfig) -> EvalSet:
+def build_eval_set(data: TaskData, tokenizer: Any, cfg: DataConfig, split: str = "eval") -> EvalSet:
+    """Tokenized arrays of the eval split (the reported metric) or of the validation split (for tuning)."""
+    table = data.table(split)
     if data.task == "sequence-classification":
-        return _classification_eval_set(data, tokenizer, cfg.max_length)
-    return _lm_eval_set(data, tokenizer, cfg.max_length, cfg.stride or cfg.max_length, cfg.max_eval_tokens)
+        return _classification_eval_set(table, data.task, tokenizer, cfg.max_length)
+    return _lm_eval_set(table, data.task, tokenizer, cfg.max_length, cfg.stride or cfg.max_length,
+                        cfg.max_eval_tokens, f"data.{split}")
 
 
-def _classification_eval_set(data: TaskData, tokenizer: Any, max_length: int) -> EvalSet:
-    table = data.eval
+def _classification_eval_set(table: Any, task: str, tokenizer: Any, max_length: int) -> EvalSet:
     pairs = list(table["text_pair"]) if "text_pair" in table.column_names else None
     encoded = tokenizer(list(table["text"]), pairs, truncation=True, max_length=max_length, padding="longest",
                         return_tensors="np")
     features = {k: np.asarray(v, dtype=np.int64) for k, v in encoded.items()}
     labels = np.asarray(list(table["label"]), np.int64) if "label" in table.column_names else None  # unlabeled: outputs only
-    return EvalSet(data.task, features, int(tokenizer.pad_token_id), labels=labels)
+    return EvalSet(task, features, int(tokenizer.pad_token_id), labels=labels)
 
 
 def lm_token_ids(texts: list[str], tokenizer: Any, cap: int | None = None) -> list[int]:
@@ -164,15 +212,16 @@ def lm_token_ids(texts: list[str], tokenizer: Any, cap: int | None = None) -> li
     return ids[:cap] if cap else ids
 
 
-def _lm_eval_set(data: TaskData, tokenizer: Any, context: int, stride: int, cap: int | None) -> EvalSet:
+def _lm_eval_set(table: Any, task: str, tokenizer: Any, context: int, stride: int, cap: int | None,
+                 where: str) -> EvalSet:
     """Sliding windows that score every token but the first exactly once, each with up to `context` tokens.
 
     A window starts `stride` tokens after the previous one, but never past the last token that one scored,
     so with stride == context each window still has the previous token to predict its first from.
     """
-    ids = lm_token_ids(data.eval["text"], tokenizer, cap)
+    ids = lm_token_ids(table["text"], tokenizer, cap)
     if len(ids) < 2:
-        raise DataError("data.eval: the text holds fewer than 2 tokens; nothing to score")
+        raise DataError(f"{where}: the text holds fewer than 2 tokens; nothing to score")
     rows, masks, attention = [], [], []
     begin, scored_until = 0, 1
     while scored_until < len(ids):
@@ -185,5 +234,5 @@ def _lm_eval_set(data: TaskData, tokenizer: Any, context: int, stride: int, cap:
         masks.append(mask)
         scored_until, begin = end, min(begin + stride, end - 1)
     features = {"input_ids": np.asarray(rows, np.int64), "attention_mask": np.asarray(attention, np.int64)}
-    return EvalSet(data.task, features, int(tokenizer.pad_token_id), target_mask=np.stack(masks),
+    return EvalSet(task, features, int(tokenizer.pad_token_id), target_mask=np.stack(masks),
                    meta={"tokens": len(ids), "context": context, "stride": stride})

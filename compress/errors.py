@@ -46,3 +46,17 @@ class ExportMismatch(CompressError):
     """An exported or quantized graph disagrees with its reference beyond the allowed tolerance."""
 
     exit_code = 3
+
+
+class BenchError(CompressError):
+    """A benchmark worker died, or did not answer a request in time."""
+
+    exit_code = 1
+
+
+class NothingToDo(BadInput):
+    """A step's settings leave nothing for it to change (every node excluded, nothing to fuse)."""
+
+
+class UsageError(BadInput):
+    """A command-line flag has a value its setting does not accept. The message names the flag."""

@@ -49,8 +49,21 @@ class EvalSet:
             width = int(self.lengths[rows].max())
             yield rows, {k: v[rows, :width] for k, v in self.features.items()}
 
-    def fixed_length_inputs(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
-        """The first `batch_size` rows, padded (or cut) to exactly `seq_len` tokens."""
+    def real_token_inputs(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        """`batch_size` rows of exactly `seq_len` real tokens, no padding: the eval rows' tokens concatenated in
+        order (repeated when the data is short). Padded positions would push ONNX Runtime's fused attention into
+        denormal floats and time something no deployment runs."""
+        tokens = self.features["input_ids"][self.features["attention_mask"].astype(bool)]
+        if tokens.size == 0:
+            raise ValueError("the eval set holds no tokens")
+        shape = (batch_size, seq_len)
+        out = {key: np.zeros(shape, dtype=value.dtype) for key, value in self.features.items()}
+        out["input_ids"] = np.resize(tokens, shape)
+        out["attention_mask"] = np.ones(shape, dtype=self.features["attention_mask"].dtype)
+        return out
+
+    def padded_inputs(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        """The first `batch_size` rows (repeated when there are fewer), right-padded (or cut) to `seq_len`."""
         out = {}
         for key, value in self.features.items():
             rows = value[:batch_size, :seq_len]

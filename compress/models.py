@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from compress.arch import TASKS
+from compress.arch import auto_class
 from compress.artifact import Artifact
 from compress.errors import MissingPackageError, ModelLoadError, OfflineError
 
@@ -48,12 +48,6 @@ class Loaded:
 
     def artifact(self) -> Artifact:
         return Artifact(self.task, self.model.config, self.tokenizer, self.model, source=self.spec)
-
-
-def auto_class(task: str) -> Any:
-    import transformers
-
-    return getattr(transformers, TASKS[task].auto_class)
 
 
 def cache_dir() -> Path:

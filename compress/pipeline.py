@@ -1,4 +1,4 @@
-"""Run a recipe: one stage directory per step, written atomically and cached by what went into it."""
+"""Run a recipe: one stage directory per step, written atomically under a lock, cached by what went into it."""
 
 from __future__ import annotations
 
@@ -6,31 +6,48 @@ import hashlib
 import importlib
 import json
 import logging
-import os
-import re
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import compress
 from compress import models
-from compress.artifact import Artifact
+from compress.artifact import Artifact, read_manifest, tokenizer_fingerprint
 from compress.context import Context
 from compress.data import TaskData, build_eval_set, load_task_data
-from compress.errors import OutDirError
+from compress.errors import CompressError, OutDirError, RecipeError
 from compress.evalset import EvalSet
-from compress.recipe import Recipe, Step, step_pass_module
+from compress.kinds import Kind
+from compress.plan import (
+    BASE,
+    STAGE_NAME,
+    PlannedStage,
+    baseline,
+    baseline_export,
+    parent_on_same_format,
+    plan_stages,
+    used_as_input,
+)
+from compress.recipe import Recipe, step_pass_module
+from compress.rundir import (
+    RunLock,
+    atomic_write_json,
+    atomic_write_text,
+    code_fingerprint,
+    replace_dir,
+    sweep_leftovers,
+    verify_files,
+)
 from compress.sysinfo import library_versions, machine_info
 
 log = logging.getLogger("compress")
-RUN_FORMAT = "compress-run/1"
+RUN_FORMAT = "compress-run/2"
 RUN_MANIFEST = "manifest.json"
 STAGE_RECORD = "stage.json"
-STAGE_NAME = re.compile(r"^(base|\d\d-[a-z_]+)$")
 GGUF_NOTE = ("smollm2-135m is dequantized from a Q4_1 GGUF: its 'fp32' weights lie on a 4-bit grid, so its "
              "int8 results need not match what int8 does to a model trained in full precision.")
 
@@ -38,141 +55,234 @@ GGUF_NOTE = ("smollm2-135m is dequantized from a Q4_1 GGUF: its 'fp32' weights l
 @dataclass
 class Stage:
     name: str
+    input: str | None
     key: str
     directory: Path
-    status: str  # "computed" or "reused"
+    status: str  # "computed", "reused" or "skipped" (a base model that is neither benchmarked nor read)
     seconds: float
-    format: str
-    precision: str
-
-
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """`--out` must be empty, absent, or a previous compress run (which is resumed)."""
-    if not out.exists() or _is_run(out):
-        return
-    if not out.is_dir():
-        raise OutDirError(f"--out: {out} is a file, not a directory")
-    if any(out.iterdir()):
-        if not overwrite:
-            raise OutDirError(f"--out: {out} is not empty and not a compress run; pick another or pass --overwrite")
-        shutil.rmtree(out)
-
-
-def _is_run(out: Path) -> bool:
-    try:
-        return json.loads((out / RUN_MANIFEST).read_text()).get("format") == RUN_FORMAT
-    except (OSError, ValueError):
-        return False
+    kind: Kind
 
 
 def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool = False,
                  command: str | None = None) -> dict[str, Any]:
     out = Path(out)
-    prepare_out(out, overwrite)
+    plan = plan_stages(recipe.steps)
+    reference = baseline(plan, recipe.bench.baseline)
+    extra = baseline_export(plan, reference)
+    check_out(out, overwrite)
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
     models.resolve(recipe.model, recipe.trust_remote_code)  # fail on a bad model before writing anything
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("results.json", "report.md"):
-        (out / stale).unlink(missing_ok=True)
-    (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    manifest = {"format": RUN_FORMAT, "status": "running", "started": _now(), "command": command,
-                "data": {"fingerprint": data.fingerprint, **data.notes}, "versions": library_versions(),
-                "machine": machine_info(), "stages": []}
-    _write_json(out / RUN_MANIFEST, manifest)
-
-    eval_sets: dict[str, EvalSet] = {}
-
-    def eval_set(tokenizer: Any) -> EvalSet:
-        key = _tokenizer_key(tokenizer)  # each stage reloads its tokenizer: same vocabulary, same eval set
-        if key not in eval_sets:
-            eval_sets[key] = build_eval_set(data, tokenizer, recipe.data)
-        return eval_sets[key]
-
-    runner = _StageRunner(recipe, out, data, eval_set, quiet)
-    base = runner.base()
-    stages = [base] if base.status != "skipped" else []
-    for index, step in enumerate(recipe.steps):
-        stages.append(runner.step(index, step))
-    _remove_stale_stages(out, {s.name for s in stages})
-    manifest["stages"] = [_stage_summary(s) for s in stages]
-    _write_json(out / RUN_MANIFEST, manifest)
-
-    results = None
-    if recipe.bench.enabled:
-        results = _bench(recipe, out, stages, runner, eval_set, quiet, command, data)
-    manifest |= {"status": "complete", "finished": _now()}
-    _write_json(out / RUN_MANIFEST, manifest)
+    with RunLock(out):
+        if overwrite and not _is_run(out):
+            _clear(out)
+        sweep_leftovers(out)
+        for stale in ("results.json", "report.md"):
+            (out / stale).unlink(missing_ok=True)
+        atomic_write_text(out / "recipe.resolved.yaml",
+                          yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False))
+        manifest = {"format": RUN_FORMAT, "status": "running", "started": _now(), "command": command,
+                    "data": {"fingerprint": data.fingerprint, **data.notes}, "versions": library_versions(),
+                    "machine": machine_info(), "baseline": reference.name, "stages": []}
+        atomic_write_json(out / RUN_MANIFEST, manifest)
+        try:
+            results = _run(recipe, out, plan, reference, extra, data, manifest, quiet, command)
+        except BaseException as err:
+            manifest |= {"status": "failed", "finished": _now(), "error": f"{type(err).__name__}: {err}"}
+            atomic_write_json(out / RUN_MANIFEST, manifest)
+            raise
+        manifest |= {"status": "complete", "finished": _now()}
+        atomic_write_json(out / RUN_MANIFEST, manifest)
     return {"stages": manifest["stages"], "results": results}
 
 
+def _run(recipe: Recipe, out: Path, plan: list[PlannedStage], reference: PlannedStage, extra: PlannedStage | None,
+         data: TaskData, manifest: dict, quiet: bool, command: str | None) -> dict | None:
+    runner = _StageRunner(recipe, out, data, quiet, needed_on_disk=used_as_input(plan) | {reference.name})
+    stages = [runner.base()]
+    stages += [runner.step(planned) for planned in plan[1:]]
+    if extra is not None:
+        stages.append(runner.step(extra))
+    stages = [stage for stage in stages if stage.status != "skipped"]
+    _remove_stale_stages(out, {stage.name for stage in stages})
+    manifest["stages"] = [_stage_summary(stage) for stage in stages]
+    atomic_write_json(out / RUN_MANIFEST, manifest)
+    if not recipe.bench.enabled:
+        return None
+    return _bench(recipe, out, plan + ([extra] if extra else []), stages, reference.name, runner, quiet, command,
+                  data, new_head=runner.new_head)
+
+
 class _StageRunner:
-    """Walks the steps, keeping the current artifact in memory only when a stage has to be computed."""
+    """Walks the planned stages, loading an input from disk only when a stage has to be computed."""
 
-    def __init__(self, recipe: Recipe, out: Path, data: TaskData, eval_set: Callable, quiet: bool):
-        self.recipe, self.out, self.data, self.eval_set, self.quiet = recipe, out, data, eval_set, quiet
-        self.artifact: Artifact | None = None
-        self.directory: Path | None = None
-        self.key = ""
-
-    def current(self) -> Artifact:
-        if self.artifact is None:
-            self.artifact = Artifact.load(self.directory)
-        return self.artifact
+    def __init__(self, recipe: Recipe, out: Path, data: TaskData, quiet: bool, needed_on_disk: set[str]):
+        self.recipe, self.out, self.data, self.quiet = recipe, out, data, quiet
+        self.needed_on_disk = needed_on_disk
+        self.keys: dict[str, str] = {}
+        self.in_memory: dict[str, Artifact] = {}  # only the unsaved base model lives here
+        self.eval_sets: dict[tuple[str, str], EvalSet] = {}
+        self.specs: dict[str, Artifact] = {}
+        self.new_head = False
 
     def base(self) -> Stage:
         started = time.perf_counter()
         loaded = models.load(self.recipe.model, self.recipe.task, self.data.label_names,
                              self.recipe.trust_remote_code, self.recipe.seed)
-        self.artifact = loaded.artifact()
-        self.key = _hash(self.artifact.fingerprint, self.recipe.task, self.recipe.seed, self.data.label_names)
-        if loaded.new_head and self.recipe.steps:
-            return Stage("base", self.key, Path(), "skipped", 0.0, "torch", "fp32")
-        return self._stage("base", None, lambda ctx: self.artifact, started)
+        check_lengths(loaded.model.config, self.recipe)
+        artifact = loaded.artifact()
+        self.new_head = loaded.new_head
+        key = _hash(artifact.fingerprint, self.recipe.task, self.recipe.seed, self.data.label_names,
+                    compress.__version__)
+        self.keys[BASE] = key
+        if loaded.new_head and self.recipe.steps and BASE not in self.needed_on_disk:
+            self.in_memory[BASE] = artifact  # a fresh task head means nothing on its own: not worth a stage
+            return Stage(BASE, None, key, self.out / BASE, "skipped", 0.0, artifact.kind)
+        return self._stage(PlannedStage(BASE, None, None, artifact.kind), key, lambda ctx: artifact, started)
 
-    def step(self, index: int, step: Step) -> Stage:
-        name = f"{index:02d}-{step.kind}"
-        self.key = _hash(self.key, step.model_dump(mode="json"), self.data.fingerprint, library_versions())
-        module = importlib.import_module(step_pass_module(step))
-        return self._stage(name, step, lambda ctx: module.run(self.current(), step, ctx), time.perf_counter())
+    def step(self, planned: PlannedStage) -> Stage:
+        step = planned.step
+        module_name = step_pass_module(step)
+        settings = step.model_dump(mode="json", by_alias=True, exclude={"from_"})
+        refs = {field: self._ref_key(ref, planned.input) for field, ref in step.model_refs().items()}
+        key = _hash(self.keys[planned.input], settings, step.key_facts(), refs, self.data.fingerprint,
+                    library_versions(), compress.__version__, code_fingerprint(module_name))
+        self.keys[planned.name] = key
 
-    def _stage(self, name: str, step: Step | None, compute: Callable[[Context], Artifact], started: float) -> Stage:
-        final = self.out / name
-        if _stage_key(final) == self.key:
-            log.info("%s: reused (inputs unchanged, key %s)", name, self.key[:12])
+        def compute(ctx: Context) -> Artifact:
+            return importlib.import_module(module_name).run(self._artifact(planned.input), step, ctx)
+
+        return self._stage(planned, key, compute, time.perf_counter())
+
+    def _stage(self, planned: PlannedStage, key: str, compute: Any, started: float) -> Stage:
+        name, final = planned.name, self.out / planned.name
+        reason = _why_not_reusable(final, key)
+        if reason is None:
             record = json.loads((final / STAGE_RECORD).read_text())
-            self.artifact, self.directory = None, final
-            return Stage(name, self.key, final, "reused", record["seconds"], record["format"], record["precision"])
-        log.info("%s: computing", name)
+            log.info("%s: reused (inputs unchanged, key %s)", name, key[:12])
+            return Stage(name, planned.input, key, final, "reused", record["seconds"], Kind.from_json(record["kind"]))
+        log.info("%s: computing%s", name, "" if reason == "new" else f" ({reason})")
         partial = self.out / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        ctx = Context(self.recipe, partial, self.data, self.eval_set, quiet=self.quiet)
-        artifact = compute(ctx)
+        artifact = compute(self._context(name, key, partial, planned.input))
+        _check_kind(planned, artifact.kind)
         seconds = round(time.perf_counter() - started, 2)
-        if step is not None:
+        if planned.step is not None:
             artifact.history[-1] = {**artifact.history[-1], "stage": name, "seconds": seconds}
         artifact.save(partial)
-        _write_json(partial / STAGE_RECORD, {"key": self.key, "seconds": seconds, "format": artifact.format,
-                                              "precision": artifact.precision})
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)  # only a complete stage ever carries the final name
+        atomic_write_json(partial / STAGE_RECORD, {"key": key, "input": planned.input, "seconds": seconds,
+                                                   "kind": artifact.kind.to_json()})
+        replace_dir(partial, final)  # only a complete stage ever carries the final name
+        for checkpoints in self.out.glob(f".{name}.checkpoint-*"):
+            shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("%s: computed in %.1f s", name, seconds)
-        # The next step reads the stage back from disk, exactly as it would after a cache hit.
-        self.artifact, self.directory = None, final
-        return Stage(name, self.key, final, "computed", seconds, artifact.format, artifact.precision)
+        return Stage(name, planned.input, key, final, "computed", seconds, artifact.kind)
+
+    def _context(self, name: str, key: str, partial: Path, input_name: str | None) -> Context:
+        checkpoint_dir = self.out / f".{name}.checkpoint-{key[:16]}"
+        for stale in self.out.glob(f".{name}.checkpoint-*"):
+            if stale != checkpoint_dir:  # made for other inputs or settings
+                shutil.rmtree(stale, ignore_errors=True)
+        return Context(stage_dir=partial, task=self.recipe.task, seed=self.recipe.seed,
+                       max_length=self.recipe.data.max_length, data=self.data, make_eval_set=self.eval_set,
+                       resolve_model=lambda ref: self._resolve(ref, input_name), checkpoint_dir=checkpoint_dir,
+                       device=_device(), quiet=self.quiet)
+
+    def eval_set(self, tokenizer: Any, split: str = "eval") -> EvalSet:
+        # Each stage reloads its tokenizer: the same vocabulary gives the same arrays.
+        key = (tokenizer_fingerprint(tokenizer), split)
+        if key not in self.eval_sets:
+            self.eval_sets[key] = build_eval_set(self.data, tokenizer, self.recipe.data, split)
+        return self.eval_sets[key]
+
+    def _artifact(self, name: str) -> Artifact:
+        return self.in_memory.get(name) or Artifact.load(self.out / name)
+
+    def _resolve(self, ref: str, input_name: str | None) -> Artifact:
+        if ref == "@input":
+            return self._artifact(input_name)
+        if ref.startswith("@"):
+            return self._artifact(self._stage_named(ref))
+        if ref not in self.specs:
+            self.specs[ref] = models.load(ref, self.recipe.task, self.data.label_names,
+                                          self.recipe.trust_remote_code, self.recipe.seed).artifact()
+        return self.specs[ref]
+
+    def _ref_key(self, ref: str, input_name: str | None) -> str:
+        if ref == "@input":
+            return self.keys[input_name]
+        if ref.startswith("@"):
+            return self.keys[self._stage_named(ref)]
+        return self._resolve(ref, input_name).fingerprint
+
+    def _stage_named(self, ref: str) -> str:
+        """A reference checked by the plan: the last computed stage with that name or step kind."""
+        wanted = ref.removeprefix("@")
+        return next(name for name in reversed(self.keys) if name == wanted or name.split("-", 1)[-1] == wanted)
 
 
-def _bench(recipe: Recipe, out: Path, stages: list[Stage], runner: _StageRunner, eval_set: Callable, quiet: bool,
-           command: str | None, data: TaskData) -> dict[str, Any]:
-    from compress.eval.bench import Variant, default_baseline, run_bench
+def check_out(out: Path, overwrite: bool) -> None:
+    """`--out` must be absent, empty, or a previous compress run (which is resumed)."""
+    if not out.exists() or _is_run(out):
+        return
+    if not out.is_dir():
+        raise OutDirError(f"--out: {out} is a file, not a directory")
+    if any(path.name != ".lock" for path in out.iterdir()) and not overwrite:
+        raise OutDirError(f"--out: {out} is not empty and not a compress run; pick another or pass --overwrite")
+
+
+def check_lengths(config: Any, recipe: Recipe) -> None:
+    """Inputs longer than the model's position table fail deep inside the model: say so up front."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    if recipe.data.max_length > positions:
+        raise RecipeError(f"data.max_length: {recipe.data.max_length} exceeds the model's {positions} positions")
+    if recipe.bench.enabled and recipe.bench.seq_len > positions:
+        raise RecipeError(f"bench.seq_len: {recipe.bench.seq_len} exceeds the model's {positions} positions")
+
+
+def _check_kind(planned: PlannedStage, made: Kind) -> None:
+    """A pass must make what its step's contract promised: later steps were checked against that."""
+    if made.evolve(external_data=False) != planned.kind.evolve(external_data=False):
+        raise CompressError(f"{planned.name}: the pass made {made.describe()}, but its step promised "
+                            f"{planned.kind.describe()}; this is a bug in the pass or its step contract")
+
+
+def _why_not_reusable(directory: Path, key: str) -> str | None:
+    """None when the stage there was made from the same inputs and its files are intact; else why not."""
+    try:
+        record = json.loads((directory / STAGE_RECORD).read_text())
+    except (OSError, ValueError):
+        return "new"
+    if record.get("key") != key:
+        return "inputs changed"
+    try:
+        changed = verify_files(directory, read_manifest(directory)["files"])
+    except CompressError as err:
+        changed = str(err)
+    return None if changed is None else f"recomputing: {changed}"
+
+
+def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Stage], reference: str,
+           runner: _StageRunner, quiet: bool, command: str | None, data: TaskData, new_head: bool) -> dict[str, Any]:
+    from compress.eval.bench import Variant, run_bench
     from compress.eval.report import write_results
 
-    variants = [Variant(s.name, s.directory, s.format, s.precision) for s in stages]
-    baseline = default_baseline(variants)
-    evals = eval_set(runner.current().tokenizer)
-    results = run_bench(variants, evals, recipe.bench, baseline, quiet=quiet)
+    shown = [stage for stage in stages if not (stage.name == BASE and new_head)]
+    names = {stage.name for stage in shown}
+    onnx_reference = next((s.name for s in shown if s.input == reference and s.kind.format == "onnx"), None)
+    variants = []
+    for stage in _in_report_order(shown, reference):
+        parent = parent_on_same_format(plan, stage.name, names)
+        if parent is None and stage.kind.format == "onnx" and stage.name != onnx_reference:
+            parent = onnx_reference  # an ONNX row made from a compressed torch model vs the uncompressed graph
+        variants.append(Variant(stage.name, stage.directory, stage.kind.format, stage.kind.precision, parent))
+    evals = runner.eval_set(Artifact.load(stages[-1].directory).tokenizer)
+    results = run_bench(variants, evals, recipe.bench, reference, quiet=quiet)
     results["data"] = {"eval_rows": len(evals), **evals.meta, **data.notes}
-    notes = [f"Baseline: {baseline} (the last torch fp32 model before export)."]
+    notes = [(f"Baseline: {reference} (the uncompressed model); 'From' is the row each one was made from on the "
+              "same runtime.")]
     if recipe.model == "smollm2-135m":
         notes.append(GGUF_NOTE)
     if recipe.task == "causal-lm":
@@ -184,38 +294,47 @@ def _bench(recipe: Recipe, out: Path, stages: list[Stage], runner: _StageRunner,
     return results
 
 
-def _stage_key(directory: Path) -> str | None:
-    try:
-        return json.loads((directory / STAGE_RECORD).read_text())["key"]
-    except (OSError, ValueError, KeyError):
-        return None
+def _in_report_order(stages: list[Stage], reference: str) -> list[Stage]:
+    """Stage order, with the baseline's own export right after the baseline."""
+    extra = [stage for stage in stages if stage.name == "baseline-export"]
+    rest = [stage for stage in stages if stage.name != "baseline-export"]
+    at = next(i for i, stage in enumerate(rest) if stage.name == reference) + 1
+    return rest[:at] + extra + rest[at:]
 
 
 def _stage_summary(stage: Stage) -> dict[str, Any]:
-    return {"name": stage.name, "key": stage.key, "status": stage.status, "seconds": stage.seconds,
-            "format": stage.format, "precision": stage.precision}
+    return {"name": stage.name, "input": stage.input, "key": stage.key, "status": stage.status,
+            "seconds": stage.seconds, "kind": stage.kind.to_json()}
 
 
 def _remove_stale_stages(out: Path, keep: set[str]) -> None:
     for path in out.iterdir():
-        if path.is_dir() and (STAGE_NAME.match(path.name) or path.name.endswith(".partial")) and path.name not in keep:
+        if path.is_dir() and STAGE_NAME.match(path.name) and path.name not in keep:
             shutil.rmtree(path)
 
 
-def _tokenizer_key(tokenizer: Any) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    described = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{described}|{tokenizer.pad_token_id}".encode()).hexdigest()
+def _is_run(out: Path) -> bool:
+    try:
+        return json.loads((out / RUN_MANIFEST).read_text()).get("format") == RUN_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _clear(out: Path) -> None:
+    for path in out.iterdir():
+        if path.name == ".lock":
+            continue  # held by this run
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _write_json(path: Path, value: Any) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    os.replace(partial, path)
 
 
 def _now() -> str:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     PositiveInt,
     ValidationInfo,
@@ -17,13 +18,12 @@ from pydantic import (
     model_validator,
 )
 
+from compress.kinds import Kind
+from compress.plan import StepRejects, baseline, plan_stages
 from compress.settings import BenchConfig, FloatTolerance, QuantTolerance, Strict, TrainSettings
+from compress.sysinfo import has_vnni, machine_info
 
 Task = Literal["sequence-classification", "causal-lm"]
-
-# Where a step works: on the torch model, by turning it into an ONNX graph, or on that graph.
-TORCH, EXPORT, ONNX = "torch", "export", "onnx"
-
 
 class DataSource(Strict):
     """One table or text file: a local file (csv, tsv, jsonl, txt) or a hub dataset."""
@@ -55,8 +55,13 @@ class DataSource(Strict):
 
 class DataConfig(Strict):
     train: DataSource | None = None
-    eval: DataSource | None = None
+    eval: DataSource | None = None  # the reported metric; nothing ever tunes on it
+    # For anything that tunes (per-epoch evaluation, sensitivity, fallback, search). Default: carved from train.
+    validation: DataSource | None = None
+    calib: DataSource | None = None  # calibration rows (default: a seeded sample of train); never the eval set
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # carved from train (seeded) when `eval` is absent
+    validation_fraction: float = Field(0.1, gt=0, lt=1)  # carved from train when `validation` is absent
+    validation_max_rows: PositiveInt = 2000
     labels: list[str] | None = None  # declared label names, in id order; inferred from train otherwise
     max_length: PositiveInt = 128  # classification: truncation; causal LM: context length
     stride: PositiveInt | None = None  # causal LM perplexity window step (default: max_length)
@@ -72,44 +77,120 @@ class DataConfig(Strict):
         return self
 
 
+# A field holding a model reference: "@input", an earlier stage ("@00-finetune", "@finetune") or a model spec
+# (alias, local directory, hub id). The pipeline resolves it and puts its content hash in the stage key.
+MODEL_REF = "model-reference"
+ModelRef = Annotated[str, MODEL_REF]
+StageRef = Annotated[str, Field(pattern=r"^@[a-z0-9][a-z0-9-]*$")]
+
+
 class Step(Strict):
-    level: ClassVar[str]
-    needs_training_data: ClassVar[bool] = False
+    """A step's settings, and its contract: which kinds it takes and what it makes of them."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    from_: StageRef | None = Field(None, alias="from")  # input stage; default: the previous step's
+    compresses: ClassVar[bool] = True  # False: its output can still be the benchmark's baseline
+    needs_data: ClassVar[tuple[str, ...]] = ()  # recipe data this step reads: "train", "calib"
+
+    def output_kind(self, given: Kind) -> Kind:
+        """The kind this step makes from `given`; raises StepRejects saying why it cannot take it."""
+        raise NotImplementedError
+
+    def key_facts(self) -> dict[str, Any]:
+        """Settings resolved on this machine (e.g. per instruction set) that change the result: cache key."""
+        return {}
+
+    def model_refs(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name, info in type(self).model_fields.items()
+                if MODEL_REF in info.metadata}
+
+
+def _torch_float(step: str, given: Kind) -> None:
+    if given.format != "torch":
+        raise StepRejects(f"{step} works on a torch model; put it before the export (or branch with "
+                          "'from' from a torch stage)")
+    if not given.is_float:
+        raise StepRejects(f"{step} needs float weights, not {given.weights}")
 
 
 class FinetuneStep(TrainSettings, Step):
-    """Train the whole model on the task (AdamW, linear warm-up and decay, eval each epoch)."""
+    """Train the whole model on the task (AdamW, linear warm-up and decay, validation score each epoch)."""
 
-    level: ClassVar[str] = TORCH
-    needs_training_data: ClassVar[bool] = True
     kind: Literal["finetune"] = "finetune"
+    compresses: ClassVar[bool] = False
+    needs_data: ClassVar[tuple[str, ...]] = ("train",)
     freeze_embeddings: bool = False  # about 2.5x faster on a CPU, small accuracy cost
+
+    def output_kind(self, given: Kind) -> Kind:
+        _torch_float("finetune", given)
+        return given
 
 
 class ExportStep(Step):
-    """Export the torch model to ONNX (optimum-onnx), optionally optimise it, and verify it."""
+    """Export the torch model to portable ONNX (optimum-onnx, default-domain ops only) and verify it."""
 
-    level: ClassVar[str] = EXPORT
     kind: Literal["export"] = "export"
+    compresses: ClassVar[bool] = False
     opset: int = Field(17, ge=14, le=21)
-    optimize: bool = True  # ONNX Runtime transformer fusions (attention, layer norm, GELU)
     verify: FloatTolerance = FloatTolerance()
+
+    def output_kind(self, given: Kind) -> Kind:
+        if given.format != "torch":
+            raise StepRejects("it is already an ONNX graph")
+        if not given.is_float:
+            raise StepRejects(f"no ONNX exporter handles {given.weights} torch weights; export the float model "
+                              "and quantize the graph (ptq) instead")
+        return Kind("onnx", given.weights, sparsity="zeros" if given.sparsity else None)
+
+
+class OrtFuseStep(Step):
+    """Rewrite the graph with ONNX Runtime's transformer fusions (attention, layer norms, GELU): faster in
+    ONNX Runtime, which alone can then load it."""
+
+    kind: Literal["ort-fuse"] = "ort-fuse"
+    compresses: ClassVar[bool] = False
+    verify: FloatTolerance = FloatTolerance()
+
+    def output_kind(self, given: Kind) -> Kind:
+        if given.format != "onnx":
+            raise StepRejects("it fuses an ONNX graph; add an 'export' step before it")
+        if given.runtime == "onnxruntime":
+            raise StepRejects("the graph is already rewritten into ONNX Runtime ops")
+        if not given.is_float:
+            raise StepRejects("fuse the float graph, then quantize it")
+        return given.evolve(runtime="onnxruntime")
 
 
 class PTQStep(Step):
     """Post-training quantization of the ONNX graph with ONNX Runtime."""
 
-    level: ClassVar[str] = ONNX
     kind: Literal["ptq"] = "ptq"
     mode: Literal["dynamic"] = "dynamic"
     dtype: Literal["int8"] = "int8"
     per_channel: bool = True
-    reduce_range: bool = False  # 7-bit weights: avoids u8s8 saturation on CPUs without VNNI
-    keep_fp32: list[str] = []  # graph nodes whose name contains any of these stay fp32, e.g. [down_proj]
+    # 7-bit weights avoid u8s8 saturation on CPUs without VNNI; auto: only on such a CPU.
+    reduce_range: bool | Literal["auto"] = False
+    keep_fp32: list[Annotated[str, Field(min_length=1)]] = []  # node-name fragments kept fp32, e.g. [down_proj]
     verify: QuantTolerance = QuantTolerance()
 
+    def output_kind(self, given: Kind) -> Kind:
+        if given.format != "onnx":
+            raise StepRejects("ptq quantizes an ONNX graph; add an 'export' step before it")
+        if not given.is_float:
+            raise StepRejects(f"the graph is already quantized ({given.precision}); quantize the float graph "
+                              "(branch from it with 'from')")
+        return given.evolve(weights="int8-dynamic")
 
-AnyStep = Annotated[FinetuneStep | ExportStep | PTQStep, Field(discriminator="kind")]
+    def resolved_reduce_range(self) -> bool:
+        return (not has_vnni()) if self.reduce_range == "auto" else self.reduce_range
+
+    def key_facts(self) -> dict[str, Any]:
+        if self.reduce_range != "auto":
+            return {}
+        return {"reduce_range": self.resolved_reduce_range(), "isa": machine_info()["isa"]}
+
+
+AnyStep = Annotated[FinetuneStep | ExportStep | OrtFuseStep | PTQStep, Field(discriminator="kind")]
 
 
 class Recipe(Strict):
@@ -138,27 +219,16 @@ class Recipe(Strict):
                 source = getattr(self.data, name)
                 if source is not None and source.text_pair == source.text:
                     raise ValueError(f"data.{name}: text_pair must differ from text")
-        if any(s.needs_training_data for s in self.steps) and self.data.train is None:
-            first = next(i for i, s in enumerate(self.steps) if s.needs_training_data)
-            raise ValueError(f"steps[{first}] ({self.steps[first].kind}) needs data.train")
-        _check_order(self.steps)
+        for index, step in enumerate(self.steps):
+            for split in step.needs_data:
+                if split == "train" and self.data.train is None:
+                    raise ValueError(f"steps[{index}] ({step.kind}) needs data.train")
+                if split == "calib" and self.data.train is None and self.data.calib is None:
+                    raise ValueError(f"steps[{index}] ({step.kind}) needs calibration rows: data.calib or data.train")
+        stages = plan_stages(self.steps)
+        if self.bench.baseline:
+            baseline(stages, self.bench.baseline)
         return self
-
-
-def _check_order(steps: list[Step]) -> None:
-    exported_at = None
-    for i, step in enumerate(steps):
-        if step.level == TORCH and exported_at is not None:
-            raise ValueError(
-                f"steps[{i}] ({step.kind}) works on the torch model, but steps[{exported_at}] already "
-                "turned it into an ONNX graph; move it before the export"
-            )
-        if step.level == ONNX and exported_at is None:
-            raise ValueError(f"steps[{i}] ({step.kind}) works on an ONNX graph; add an 'export' step before it")
-        if step.level == EXPORT:
-            if exported_at is not None:
-                raise ValueError(f"steps[{i}] (export): the model was already exported at steps[{exported_at}]")
-            exported_at = i
 
 
 STEP_CLASSES: dict[str, type[Step]] = {
@@ -174,5 +244,5 @@ def nested_models(annotation: Any) -> list[type[BaseModel]]:
 
 
 def step_pass_module(step: Step) -> str:
-    """The module whose `run(artifact, step, ctx)` carries out `step`."""
-    return f"compress.passes.{step.kind}"
+    """The module whose `run(artifact, step, ctx)` carries out `step` ('ort-fuse' -> passes/ort_fuse.py)."""
+    return f"compress.passes.{step.kind.replace('-', '_')}"

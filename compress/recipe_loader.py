@@ -45,8 +45,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node: Any = raw
         for depth, part in enumerate(parts[:-1]):
             node = _child(node, part, ".".join(parts[: depth + 1]), override)
-        _assign(node, parts[-1], yaml.safe_load(text), override)
+        _assign(node, parts[-1], _yaml_value(text), override)
     return raw
+
+
+def _yaml_value(text: str) -> Any:
+    """`2` is an int and `[1, 2]` a list; text YAML cannot parse (`@01-export`) stays the string it is."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _child(node: Any, part: str, where: str, override: str) -> Any:
@@ -78,6 +86,8 @@ def describe(error: dict[str, Any]) -> str:
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     kind = error["type"]
     if kind == "extra_forbidden":
+        if tuple(error["loc"][-2:]) == ("export", "optimize"):
+            return f"{where}: ONNX Runtime fusions are now a step of their own: add '- kind: ort-fuse' after the export"
         close = difflib.get_close_matches(str(loc[-1]), _fields_at(error["loc"][:-1]), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(_fields_at(error['loc'][:-1]))}"
         return f"{where}: unknown field{hint}"
@@ -109,4 +119,6 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             candidates = [STEP_CLASSES[part]]
             continue
         candidates = [m for c in candidates if part in c.model_fields for m in nested_models(c.model_fields[part].annotation)]
-    return sorted(candidates[0].model_fields) if len(candidates) == 1 else []
+    if len(candidates) != 1:
+        return []
+    return sorted(info.alias or name for name, info in candidates[0].model_fields.items())

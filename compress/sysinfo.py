@@ -35,6 +35,11 @@ def machine_info() -> dict[str, object]:
     }
 
 
+def has_vnni() -> bool:
+    """Whether int8 dot products run natively (x86 VNNI, Arm dot product): full-range int8 weights are safe."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & _cpuinfo()[1])
+
+
 def _cpuinfo() -> tuple[str, set[str]]:
     model, flags = "", set()
     try:

@@ -20,15 +20,58 @@ def test_string_labels_become_ids_and_names_are_kept(sentiment_files):
                                  eval={"path": str(sentiment_files["dev"]), "text": "sentence"}), CLS)
     assert data.label_names == ["negative", "positive"]
     assert set(data.train["label"]) == {0, 1}
-    assert len(data.eval) == 40 and data.notes == {}
+    assert len(data.eval) == 40 and set(data.notes) == {"validation_split"}
 
 
 def test_eval_split_is_carved_from_train_seeded_and_recorded(sentiment_files):
     cfg = config(train={"path": str(sentiment_files["train"]), "text": "sentence"}, eval_fraction=0.25)
     first, again = load_task_data(cfg, CLS, seed=3), load_task_data(cfg, CLS, seed=3)
-    assert len(first.eval) == 50 and len(first.train) == 150
+    assert len(first.eval) == 50 and len(first.validation) == 15 and len(first.train) == 135
     assert first.eval["text"] == again.eval["text"]
     assert first.notes["eval_split"] == {"carved_from": "data.train", "fraction": 0.25, "seed": 3, "rows": 50}
+
+
+def test_validation_rows_are_withheld_from_training_and_recorded(sentiment_files):
+    cfg = config(train={"path": str(sentiment_files["train"]), "text": "sentence"},
+                 eval={"path": str(sentiment_files["dev"]), "text": "sentence"})
+    data = load_task_data(cfg, CLS, seed=1)
+    assert (len(data.train), len(data.validation)) == (180, 20)
+    train_rows = set(zip(data.train["text"], data.train["label"]))
+    assert not train_rows & set(zip(data.validation["text"], data.validation["label"]))
+    assert data.notes["validation_split"] == {"carved_from": "data.train", "fraction": 0.1, "seed": 1, "rows": 20}
+    assert load_task_data(cfg, CLS, seed=1).validation["text"] == data.validation["text"]
+    capped = load_task_data(cfg.model_copy(update={"validation_max_rows": 7}), CLS, seed=1)
+    assert (len(capped.train), len(capped.validation)) == (193, 7)
+
+
+def test_declared_validation_and_unlabelled_calibration_rows(tmp_path, sentiment_files):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("just some text to calibrate on\n")
+    data = load_task_data(config(train={"path": str(sentiment_files["train"]), "text": "sentence"},
+                                 validation={"path": str(sentiment_files["dev"]), "text": "sentence"},
+                                 eval={"path": str(sentiment_files["dev"]), "text": "sentence"},
+                                 calib={"path": str(calib)}), CLS)
+    assert len(data.train) == 200 and len(data.validation) == 40 and "validation_split" not in data.notes
+    assert data.table("calib")["text"] == ["just some text to calibrate on\n"]
+    no_calib = load_task_data(config(train={"path": str(sentiment_files["train"]), "text": "sentence"}), CLS)
+    assert no_calib.table("calib") is no_calib.train
+
+
+def test_a_split_the_recipe_cannot_give_is_a_data_error(sentiment_files):
+    data = load_task_data(config(eval={"path": str(sentiment_files["dev"]), "text": "sentence"}), CLS)
+    assert data.train is None and data.validation is None
+    with pytest.raises(DataError, match="needs data.train or data.calib"):
+        data.table("calib")
+    with pytest.raises(DataError, match="needs data.train or data.validation"):
+        data.table("validation")
+
+
+def test_causal_lm_text_holds_out_its_last_lines(text_file):
+    data = load_task_data(config(train={"path": str(text_file)}, eval={"path": str(text_file)}), "causal-lm")
+    lines = text_file.read_text().splitlines()
+    assert data.validation["text"] == ["\n".join(lines[-30:])]
+    assert data.train["text"] == ["\n".join(lines[:-30])]
+    assert data.notes["validation_split"]["lines"] == 30
 
 
 def test_eval_label_never_seen_in_train(tmp_path, sentiment_files):

@@ -76,15 +76,38 @@ def test_wrong_types_and_ranges_name_the_field(tmp_path, override, expected):
 @pytest.mark.parametrize(
     ("steps", "expected"),
     [
-        ("[{kind: export}, {kind: finetune}]", "steps[1] (finetune) works on the torch model"),
-        ("[{kind: ptq}]", "steps[0] (ptq) works on an ONNX graph; add an 'export' step before it"),
-        ("[{kind: export}, {kind: export}]", "the model was already exported at steps[0]"),
+        ("[{kind: export}, {kind: finetune}]",
+         "steps[1] (finetune) would receive ONNX fp32 from 00-export: finetune works on a torch model"),
+        ("[{kind: ptq}]", "steps[0] (ptq) would receive torch fp32 from base: ptq quantizes an ONNX graph; "
+                          "add an 'export' step before it"),
+        ("[{kind: export}, {kind: export}]", "steps[1] (export) would receive ONNX fp32 from 00-export: it is "
+                                             "already an ONNX graph"),
+        ("[{kind: export}, {kind: ptq}, {kind: ptq}]",
+         "steps[2] (ptq) would receive ONNX int8 (integer ops) from 01-ptq: the graph is already quantized"),
+        ("[{kind: export}, {kind: ptq}, {kind: ort-fuse}]",
+         "steps[2] (ort-fuse) would receive ONNX int8 (integer ops) from 01-ptq: fuse the float graph"),
+        ("[{kind: export}, {kind: ort-fuse}, {kind: ort-fuse, from: '@00-export'}, {kind: ort-fuse}]",
+         "steps[3] (ort-fuse) would receive ONNX fp32 for ONNX Runtime only from 02-ort-fuse: the graph is "
+         "already rewritten into ONNX Runtime ops"),
+        ("[{kind: export, from: '@01-ptq'}]", "steps[0] (export).from: '@01-ptq' names no earlier stage (earlier: base)"),
+        ("[{kind: export, from: 'base'}]", "steps[0].from: String should match pattern"),
         ("[{epochs: 1}]", "steps[0]: every step needs a 'kind'"),
+        ("[{kind: export, optimize: true}]", "steps[0].optimize: ONNX Runtime fusions are now a step of their own"),
+        ("[{kind: export}, {kind: ptq, keep_fp32: ['']}]", "steps[1].keep_fp32[0]: String should have at least 1"),
     ],
 )
 def test_impossible_step_orders_are_rejected(tmp_path, steps, expected):
     text = BASE.split("steps:")[0] + f"steps: {steps}\n"
     assert expected in error(write(tmp_path, text))
+
+
+def test_unknown_field_suggestions_use_the_yaml_name(tmp_path):
+    text = BASE.split("steps:")[0] + "steps: [{kind: export, form: '@base'}]\n"
+    assert "steps[0].form: unknown field; did you mean 'from'?" in error(write(tmp_path, text))
+
+
+def test_a_baseline_that_names_no_stage(tmp_path):
+    assert "bench.baseline: '@02-distill' names no earlier stage" in error(write(tmp_path), "bench.baseline=@02-distill")
 
 
 def test_training_step_without_training_data(tmp_path):

@@ -1,26 +1,26 @@
-"""Benchmark variants of one model, each in its own worker process, one after another on the same machine."""
+"""Benchmark variants of one model side by side: a worker process each, timed in interleaved rounds."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-import compress
-from compress.artifact import GRAPH, WEIGHTS
+from compress.eval.latency import summarize
+from compress.eval.metrics import compare_paired
+from compress.eval.size import deployed_files, disk_size
+from compress.eval.workers import WorkerProcess, started_workers
 from compress.evalset import EvalSet
-from compress.recipe import BenchConfig
+from compress.settings import BenchConfig
 from compress.sysinfo import library_versions, machine_info
 
 METRIC_BATCH_SIZE = 32
-STDERR_TAIL = 3000  # characters of a failed worker's stderr put in the error
+# The inputs every variant is timed on, as the worker names them, and the row column each one fills.
+LATENCY_COLUMNS = {"fixed": "latency_ms", "padded": "latency_padded_ms", "real": "latency_real_ms"}
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Variant:
     artifact_dir: Path
     format: str  # "torch" or "onnx": what the artifact deploys
     precision: str
+    parent: str | None = None  # the variant this one was made from that deploys on the same runtime
 
 
 def default_baseline(variants: list[Variant]) -> str:
@@ -38,95 +39,124 @@ def default_baseline(variants: list[Variant]) -> str:
 
 
 def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, baseline: str, quiet: bool = False) -> dict:
-    """Metric, latency, size and peak memory of every variant, with speed-up and metric change vs `baseline`."""
-    names = [variant.name for variant in variants]
-    if baseline not in names:
-        raise ValueError(f"baseline {baseline!r} is not among the variants ({', '.join(names)})")
-    if len(set(names)) != len(names):
-        raise ValueError(f"variant names must be unique: {', '.join(names)}")
-    measured = {}
-    with tempfile.TemporaryDirectory(prefix="compress-bench-") as scratch:  # requests, results, the eval arrays
-        workdir = Path(scratch)
-        evalset_path = workdir / "evalset.npz"
+    """Metric, latency, size and peak memory of every variant, with speed-ups and metric change vs `baseline`
+    and vs each variant's parent."""
+    _check_variants(variants, baseline)
+    inputs = ["fixed", "padded"] + (["real"] if min(cfg.real_length_samples, len(evalset)) else [])
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as scratch:  # the eval arrays, the workers' stderr
+        evalset_path = Path(scratch) / "evalset.npz"
         evalset.save(evalset_path)
-        for variant in tqdm(variants, desc="bench", unit="variant", disable=quiet):
-            measured[variant.name] = _run_worker(variant, evalset_path, cfg, workdir)
-            if not quiet:
-                tqdm.write(_summary_line(variant, measured[variant.name]), file=sys.stderr)
-    reference = measured[baseline]
+        with started_workers([v.name for v in variants], cfg.threads, cfg.timeout_s, Path(scratch)) as workers:
+            measured = _measure(workers, variants, evalset_path, inputs, cfg, quiet)
+    rows = [_row(variant, measured, baseline, cfg) for variant in variants]
+    if not quiet:
+        for row in rows:
+            tqdm.write(_summary_line(row), file=sys.stderr)
     return {
         "baseline": baseline,
         "machine": machine_info(),
         "versions": library_versions(),
         "bench": cfg.model_dump(),
-        "rows": [_row(variant, measured[variant.name], reference, cfg) for variant in variants],
+        "rows": rows,
     }
 
 
-def _run_worker(variant: Variant, evalset_path: Path, cfg: BenchConfig, workdir: Path) -> dict:
-    request = {
-        "artifact_dir": str(Path(variant.artifact_dir).resolve()),
-        "evalset": str(evalset_path.resolve()),
-        "threads": cfg.threads,
-        "batch_size": cfg.batch_size,
-        "seq_len": cfg.seq_len,
-        "warmup": cfg.warmup,
-        "runs": cfg.runs,
-        "real_length_samples": cfg.real_length_samples,
-        "metric_batch_size": METRIC_BATCH_SIZE,
-    }
-    stem = re.sub(r"[^\w.-]", "_", variant.name)
-    request_path = workdir / f"{stem}.request.json"
-    result_path = workdir / f"{stem}.result.json"
-    request_path.write_text(json.dumps(request, indent=2) + "\n")
-    result_path.unlink(missing_ok=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "compress.eval.worker", str(request_path), str(result_path)],
-        env=_worker_env(cfg.threads),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0 or not result_path.is_file():
-        raise RuntimeError(
-            f"bench worker for {variant.name!r} failed (exit {done.returncode}):\n{done.stderr[-STDERR_TAIL:]}"
-        )
-    return json.loads(result_path.read_text())
+def _check_variants(variants: list[Variant], baseline: str) -> None:
+    by_name = {variant.name: variant for variant in variants}
+    if len(by_name) != len(variants):
+        raise ValueError(f"variant names must be unique: {', '.join(v.name for v in variants)}")
+    if baseline not in by_name:
+        raise ValueError(f"baseline {baseline!r} is not among the variants ({', '.join(by_name)})")
+    for variant in variants:
+        if variant.parent is None:
+            continue
+        parent = by_name.get(variant.parent)
+        if parent is None or parent is variant:
+            raise ValueError(f"{variant.name}: parent {variant.parent!r} is not another of the variants")
+        if parent.format != variant.format:
+            raise ValueError(f"{variant.name}: parent {parent.name!r} deploys on {parent.format}, not {variant.format}")
 
 
-def _worker_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    # The worker must import this same checkout of compress, wherever the caller's working directory is.
-    package_root = str(Path(compress.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
+def _measure(workers: dict[str, WorkerProcess], variants: list[Variant], evalset_path: Path, inputs: list[str],
+             cfg: BenchConfig, quiet: bool) -> dict[str, dict]:
+    for variant in variants:  # all load at once: nothing is timed yet
+        workers[variant.name].send(_load_request(variant, evalset_path, cfg))
+    measured = {name: {"runtime": worker.receive()["runtime"]} for name, worker in workers.items()}
+    with tqdm(total=cfg.rounds * len(inputs) * len(workers), desc="bench latency", unit="request",
+              disable=quiet, leave=False) as bar:
+        timings = _interleaved_rounds(workers, inputs, cfg, bar)
+    for name, worker in workers.items():
+        measured[name]["latency"] = {kind: summarize(rounds) for kind, rounds in timings[name].items()}
+        # Before the metric's large batches, which would inflate the figure beyond what deployment needs.
+        measured[name]["peak_rss_mb"] = worker.request({"op": "rss"})["peak_rss_mb"]
+    for name, worker in tqdm(workers.items(), desc="bench metric", unit="variant", disable=quiet, leave=False):
+        measured[name]["metric"] = worker.request({"op": "metric", "batch_size": METRIC_BATCH_SIZE})
+    return measured
 
 
-def _row(variant: Variant, measured: dict, reference: dict, cfg: BenchConfig) -> dict:
+def _load_request(variant: Variant, evalset_path: Path, cfg: BenchConfig) -> dict:
+    return {"op": "load", "artifact_dir": str(Path(variant.artifact_dir).resolve()), "evalset": str(evalset_path),
+            "threads": cfg.threads, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+            "real_length_samples": cfg.real_length_samples}
+
+
+def _interleaved_rounds(workers: dict[str, WorkerProcess], inputs: list[str], cfg: BenchConfig,
+                        bar: tqdm) -> dict[str, dict[str, list[list[float]]]]:
+    """Each round times every variant in turn (A B C, A B C, ...), so a machine that drifts (thermal limits,
+    other load) weighs on all variants alike instead of on whichever ran at the time."""
+    timings: dict[str, dict[str, list[list[float]]]] = {name: {kind: [] for kind in inputs} for name in workers}
+    for runs in _shares(cfg.runs, cfg.rounds):
+        for kind in inputs:
+            for name, worker in workers.items():
+                # Warm-up in every round: the variants timed in between have taken the caches.
+                request = {"op": "latency", "inputs": kind, "warmup": cfg.warmup, "runs": runs}
+                timings[name][kind].append(worker.request(request)["timings_ms"])
+                bar.update()
+    return timings
+
+
+def _shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` near-equal whole numbers."""
+    return [total // parts + (index < total % parts) for index in range(parts)]
+
+
+def _row(variant: Variant, measured: dict[str, dict], baseline: str, cfg: BenchConfig) -> dict:
+    own = measured[variant.name]
+    metric = own["metric"]
+    change = compare_paired(metric["name"], _rows(measured[baseline]), _rows(own))
+    latency = own["latency"]
     return {
         "name": variant.name,
         "format": variant.format,
         "precision": variant.precision,
-        "metric": measured["metric"],
-        "latency_ms": measured["latency_ms"],
-        "latency_real_ms": measured["latency_real_ms"],
+        "parent": variant.parent,
+        "runtime": own["runtime"],
+        "metric": {"name": metric["name"], "value": metric["value"]},
+        "metric_delta": change.delta,
+        "metric_delta_ci95": list(change.delta_ci95),
+        "metric_change_rel": change.rel,
+        "metric_change_rel_ci95": None if change.rel_ci95 is None else list(change.rel_ci95),
+        **{column: latency.get(kind) for kind, column in LATENCY_COLUMNS.items()},
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
-        "threads": cfg.threads,
-        "size_bytes": _size_bytes(variant),
-        "peak_rss_mb": measured["peak_rss_mb"],
-        "speedup_p50": reference["latency_ms"]["p50"] / measured["latency_ms"]["p50"],
-        "metric_delta": measured["metric"]["value"] - reference["metric"]["value"],
+        "speedup_vs_baseline": _speedup(measured[baseline], own),
+        "speedup_vs_parent": None if variant.parent is None else _speedup(measured[variant.parent], own),
+        **disk_size(deployed_files(variant.artifact_dir, variant.format)),
+        "peak_rss_mb": own["peak_rss_mb"],
     }
 
 
-def _size_bytes(variant: Variant) -> int:
-    return (Path(variant.artifact_dir) / (GRAPH if variant.format == "onnx" else WEIGHTS)).stat().st_size
+def _rows(measured: dict) -> dict[str, np.ndarray]:
+    return {key: np.asarray(values) for key, values in measured["metric"]["rows"].items()}
 
 
-def _summary_line(variant: Variant, measured: dict) -> str:
-    metric = measured["metric"]
+def _speedup(reference: dict, measured: dict) -> float:
+    return reference["latency"]["fixed"]["p50"] / measured["latency"]["fixed"]["p50"]
+
+
+def _summary_line(row: dict) -> str:
+    metric = row["metric"]
     return (
-        f"bench {variant.name}: {metric['name']} {metric['value']:.4f}, "
-        f"p50 {measured['latency_ms']['p50']:.2f} ms, peak RSS {measured['peak_rss_mb']:.0f} MB"
+        f"bench {row['name']}: {metric['name']} {metric['value']:.4f}, p50 {row['latency_ms']['p50']:.2f} ms "
+        f"({row['speedup_vs_baseline']:.2f}x baseline), peak RSS {row['peak_rss_mb']:.0f} MiB"
     )

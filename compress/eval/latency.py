@@ -1,4 +1,4 @@
-"""Wall-clock latency of `runner.logits`, as percentiles over timed runs."""
+"""Wall-clock latency: timed runs in a worker, and their summary over interleaved rounds in the parent."""
 
 from __future__ import annotations
 
@@ -11,20 +11,33 @@ if TYPE_CHECKING:
     from compress.eval.runners import Runner
 
 
-def measure_latency(runner: Runner, inputs: list[dict[str, np.ndarray]], warmup: int, runs: int) -> dict:
-    """{"p50", "p90", "mean"} in milliseconds; run i uses inputs[i % len(inputs)]."""
+def time_runs(runner: Runner, inputs: list[dict[str, np.ndarray]], warmup: int, runs: int) -> list[float]:
+    """Milliseconds of each timed `runner.logits` call after `warmup` untimed ones; run i uses inputs[i % len]."""
     if not inputs or runs < 1:
         raise ValueError("latency needs at least one input and one timed run")
     for i in range(warmup):
         runner.logits(inputs[i % len(inputs)])
-    timings_ms = np.empty(runs)
+    timings_ms = []
     for i in range(runs):
         features = inputs[i % len(inputs)]
         start = time.perf_counter()
         runner.logits(features)
-        timings_ms[i] = (time.perf_counter() - start) * 1000
+        timings_ms.append((time.perf_counter() - start) * 1000)
+    return timings_ms
+
+
+def summarize(rounds: list[list[float]]) -> dict:
+    """p50, p90 and mean over all rounds' timings pooled; each round's p50; and the spread of those p50s
+    relative to the pooled p50, which shows how much the machine drifted during the benchmark."""
+    if not rounds or not all(rounds):
+        raise ValueError("latency needs at least one timing in every round")
+    pooled = np.concatenate([np.asarray(timings, dtype=np.float64) for timings in rounds])
+    p50 = float(np.percentile(pooled, 50))
+    round_p50s = [float(np.percentile(timings, 50)) for timings in rounds]
     return {
-        "p50": float(np.percentile(timings_ms, 50)),
-        "p90": float(np.percentile(timings_ms, 90)),
-        "mean": float(timings_ms.mean()),
+        "p50": p50,
+        "p90": float(np.percentile(pooled, 90)),
+        "mean": float(pooled.mean()),
+        "rounds": round_p50s,
+        "spread": (max(round_p50s) - min(round_p50s)) / p50,
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 CAUSAL_LM = "causal-lm"
 # A causal LM batch holds [B, L, vocab] float32 logits (4 x 1024 x 49k is ~0.8 GB), so its batch is capped.
 LM_MAX_BATCH = 4
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_CHUNK = 1 << 22  # resampled row indices held at once
 
 
 @dataclass
@@ -26,6 +29,19 @@ class EvalResult:
     # for token t (made from the logits at t - 1), aligned with EvalSet.target_mask; -1 where nothing is predicted.
     predictions: np.ndarray
     count: int  # rows scored (classification) or tokens scored (causal LM)
+    # What the metric is made of, per eval row, so two variants compare row by row (see compare_paired).
+    # classification: "correct" (1 or 0); causal LM: "nll" (summed over the row's scored tokens) and "tokens".
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    """candidate - reference, with a paired-bootstrap 95 % interval; for perplexity also candidate / reference - 1."""
+
+    delta: float
+    delta_ci95: tuple[float, float]
+    rel: float | None = None
+    rel_ci95: tuple[float, float] | None = None
 
 
 def evaluate(
@@ -48,6 +64,48 @@ def agreement(a: EvalResult, b: EvalResult, evalset: EvalSet) -> float:
     return float(equal.mean())
 
 
+def metric_from_rows(name: str, rows: dict[str, np.ndarray], index: np.ndarray | slice = slice(None)):
+    """The metric over the rows `index` selects; a 2-D index gives one value per line of it."""
+    if name == "accuracy":
+        return rows["correct"][index].mean(axis=-1)
+    return np.exp(rows["nll"][index].sum(axis=-1) / rows["tokens"][index].sum(axis=-1))
+
+
+def compare_paired(name: str, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> MetricChange:
+    """How `candidate` changes the metric vs `reference`, per-row results of the same eval rows.
+
+    Paired bootstrap: each resample draws row indices with replacement and scores both variants on the same
+    ones, so what the two share (which rows are hard) cancels out of the interval.
+    """
+    count = len(next(iter(reference.values())))
+    if count != len(next(iter(candidate.values()))) or count == 0:
+        raise ValueError("a paired comparison needs the same, non-zero number of rows on both sides")
+    ref_samples, cand_samples = _resampled(name, reference, candidate, count, resamples, seed)
+    ref_value, cand_value = float(metric_from_rows(name, reference)), float(metric_from_rows(name, candidate))
+    delta = (cand_value - ref_value, _interval(cand_samples - ref_samples))
+    if name == "accuracy":
+        return MetricChange(*delta)
+    return MetricChange(*delta, cand_value / ref_value - 1, _interval(cand_samples / ref_samples - 1))
+
+
+def _resampled(name: str, reference: dict, candidate: dict, count: int, resamples: int,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, BOOTSTRAP_CHUNK // count)
+    ref_samples, cand_samples = [], []
+    for start in range(0, resamples, per_chunk):
+        index = rng.integers(0, count, size=(min(per_chunk, resamples - start), count))
+        ref_samples.append(metric_from_rows(name, reference, index))
+        cand_samples.append(metric_from_rows(name, candidate, index))
+    return np.concatenate(ref_samples), np.concatenate(cand_samples)
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def _accuracy(runner: Runner, evalset: EvalSet, batch_size: int, progress: bool) -> EvalResult:
     if evalset.labels is None:
         raise ValueError("a classification eval set needs labels")
@@ -56,29 +114,30 @@ def _accuracy(runner: Runner, evalset: EvalSet, batch_size: int, progress: bool)
         for rows, features in evalset.batches(batch_size):
             predictions[rows] = runner.logits(features).argmax(axis=-1)
             bar.update(rows.stop - rows.start)
-    correct = predictions == evalset.labels
-    return EvalResult("accuracy", float(correct.mean()), predictions, len(evalset))
+    rows = {"correct": (predictions == evalset.labels).astype(np.int64)}
+    return EvalResult("accuracy", float(metric_from_rows("accuracy", rows)), predictions, len(evalset), rows)
 
 
 def _perplexity(runner: Runner, evalset: EvalSet, batch_size: int, progress: bool) -> EvalResult:
     input_ids = evalset.features["input_ids"]
     predictions = np.full(input_ids.shape, -1, dtype=np.int64)
-    total_nll, total_tokens = 0.0, 0
+    rows = {"nll": np.zeros(len(evalset), dtype=np.float64), "tokens": np.zeros(len(evalset), dtype=np.int64)}
     with _bar(evalset, "perplexity", progress) as bar:
-        for rows, features in evalset.batches(batch_size):
+        for batch, features in evalset.batches(batch_size):
             width = features["input_ids"].shape[1]
             logits = runner.logits(features)[:, :-1]
             targets = features["input_ids"][:, 1:]
-            scored = evalset.target_mask[rows, 1:width]
+            scored = evalset.target_mask[batch, 1:width]
             target_logits = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
             nll = _logsumexp(logits) - target_logits
-            total_nll += float(nll[scored].astype(np.float64).sum())
-            total_tokens += int(scored.sum())
-            predictions[rows, 1:width] = logits.argmax(axis=-1)
-            bar.update(rows.stop - rows.start)
+            rows["nll"][batch] = np.where(scored, nll, 0).astype(np.float64).sum(axis=1)
+            rows["tokens"][batch] = scored.sum(axis=1)
+            predictions[batch, 1:width] = logits.argmax(axis=-1)
+            bar.update(batch.stop - batch.start)
+    total_tokens = int(rows["tokens"].sum())
     if total_tokens == 0:
         raise ValueError("the eval set scores no tokens (target_mask is all False)")
-    return EvalResult("perplexity", float(np.exp(total_nll / total_tokens)), predictions, total_tokens)
+    return EvalResult("perplexity", float(metric_from_rows("perplexity", rows)), predictions, total_tokens, rows)
 
 
 def _logsumexp(logits: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from compress.eval.metrics import BOOTSTRAP_RESAMPLES
+
 RESULTS = "results.json"
 REPORT = "report.md"
 MIB = 1 << 20  # peak RSS is reported in MiB too, so sizes and memory compare directly
@@ -21,23 +23,12 @@ def write_results(results: dict, out_dir: Path, notes: Iterable[str] = (), comma
 
 
 def render_report(results: dict, notes: list[str], command: str | None) -> str:
-    bench = results["bench"]
     lines = ["# Benchmark report", ""]
     if command:
         lines += ["Reproduce with:", "", "```", command, "```", ""]
-    lines += _machine_section(results["machine"], bench["threads"])
-    lines += [
-        "## Results",
-        "",
-        (
-            f"Latency at a fixed length: batch {bench['batch_size']} x {bench['seq_len']} tokens, "
-            f"p50 / p90 over {bench['runs']} runs after {bench['warmup']} warm-up runs. "
-            f"Real lengths: batch 1, up to {bench['real_length_samples']} eval rows each at its own length. "
-            f"Baseline: `{results['baseline']}`. Sizes and peak RSS in MiB."
-        ),
-        "",
-    ]
-    lines += _table(results["rows"])
+    lines += _machine_section(results["machine"], results["bench"]["threads"])
+    lines += ["## Results", "", _method(results["bench"], results["baseline"]), ""]
+    lines += _table(results["rows"], results["baseline"])
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     lines += ["", "## Library versions", "", *(f"- {name} {v}" for name, v in results["versions"].items())]
@@ -55,40 +46,73 @@ def _machine_section(machine: dict, threads: int) -> list[str]:
     ]
 
 
-def _table(rows: list[dict]) -> list[str]:
+def _method(bench: dict, baseline: str) -> str:
+    return (
+        f"Latency in {bench['rounds']} interleaved rounds (each round times every variant in turn), "
+        f"{bench['runs']} timed runs per variant and input over all rounds, after {bench['warmup']} warm-up runs "
+        f"in each round. Fixed length: batch {bench['batch_size']} x {bench['seq_len']} real tokens (the eval "
+        f"rows' tokens one after another, no padding); padded: {bench['batch_size']} eval rows right-padded to "
+        f"{bench['seq_len']}; real lengths: batch 1, up to {bench['real_length_samples']} eval rows each at its "
+        "own length. p50 over all rounds, ± the spread of the rounds' p50s ((max - min) / p50). ×baseline and "
+        "×parent are ratios of fixed-length p50s taken in this one interleaved run. "
+        f"Metric change vs the baseline `{baseline}` with a paired-bootstrap 95 % interval over the eval rows "
+        f"({BOOTSTRAP_RESAMPLES} resamples). Size: the files each variant deploys; zipped: each deflated."
+    )
+
+
+def _table(rows: list[dict], baseline: str) -> list[str]:
     metric_name = rows[0]["metric"]["name"] if rows else "metric"
-    header = ["Variant", "Format", "Precision", f"{metric_name} (vs baseline)", "p50 ms", "p90 ms", "Speed-up",
-              "p50 ms, real lengths", "Size MB", "Peak RSS MB"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 7) + "|"]
+    header = ["Variant", "From", "Runtime", "Precision", f"{metric_name} (Δ vs baseline, 95 % CI)",
+              "p50 ms (± spread)", "×baseline", "×parent", "padded p50 ms", "real-length p50 ms", "Size MiB",
+              "Zipped MiB", "Peak RSS MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 9) + "|"]
     for row in rows:
         real = row["latency_real_ms"]
         cells = [
             row["name"],
-            row["format"],
+            row["parent"] or "-",
+            _runtime_cell(row["runtime"]),
             row["precision"],
-            _metric_cell(row["metric"], row["metric_delta"]),
-            f"{row['latency_ms']['p50']:.2f}",
-            f"{row['latency_ms']['p90']:.2f}",
-            f"{row['speedup_p50']:.2f}x",
+            _metric_cell(row) if row["name"] != baseline else _metric_value(row["metric"]) + " (baseline)",
+            f"{row['latency_ms']['p50']:.2f} ±{row['latency_ms']['spread']:.1%}",
+            f"{row['speedup_vs_baseline']:.2f}x",
+            "-" if row["speedup_vs_parent"] is None else f"{row['speedup_vs_parent']:.2f}x",
+            f"{row['latency_padded_ms']['p50']:.2f}",
             "-" if real is None else f"{real['p50']:.2f}",
             f"{row['size_bytes'] / MIB:.1f}",
+            f"{row['size_zipped_bytes'] / MIB:.1f}",
             f"{row['peak_rss_mb']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _metric_cell(metric: dict, delta: float) -> str:
-    if metric["name"] == "accuracy":
-        return f"{metric['value']:.2%} ({delta * 100:+.2f} pt)"
-    baseline = metric["value"] - delta  # perplexity: the relative change is what compares across models
-    return f"{metric['value']:.2f} ({delta / baseline:+.2%})"
+def _runtime_cell(runtime: dict) -> str:
+    if runtime["name"] == "onnxruntime":
+        provider = runtime["execution_provider"].removesuffix("ExecutionProvider")
+        return f"onnxruntime {provider}, {runtime['intra_op_threads']} threads"
+    return f"{runtime['name']}, {runtime['threads']} threads"
+
+
+def _metric_value(metric: dict) -> str:
+    return f"{metric['value']:.2%}" if metric["name"] == "accuracy" else f"{metric['value']:.2f}"
+
+
+def _metric_cell(row: dict) -> str:
+    """Accuracy: the change in points; perplexity: the relative change, which compares across models."""
+    if row["metric"]["name"] == "accuracy":
+        low, high = row["metric_delta_ci95"]
+        change = f"{row['metric_delta'] * 100:+.2f} pt, {low * 100:+.2f} to {high * 100:+.2f}"
+    else:
+        low, high = row["metric_change_rel_ci95"]
+        change = f"{row['metric_change_rel']:+.2%}, {low:+.2%} to {high:+.2%}"
+    return f"{_metric_value(row['metric'])} ({change})"
 
 
 def _write_atomic(path: Path, text: str) -> None:
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as temp:
+        with os.fdopen(handle, "w", encoding="utf-8") as temp:
             temp.write(text)
         os.replace(temp_name, path)
     except BaseException:

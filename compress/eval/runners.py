@@ -14,6 +14,7 @@ import numpy as np
 
 from compress.artifact import GRAPH, read_manifest
 
+DENORMAL_AS_ZERO = "session.set_denormal_as_zero"
 ORT_DTYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
@@ -27,6 +28,9 @@ class Runner(Protocol):
     format: str
 
     def logits(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def runtime(self) -> dict[str, Any]:
+        """The runtime's name, version and the settings that decide its speed."""
 
 
 class TorchRunner:
@@ -50,18 +54,20 @@ class TorchRunner:
             output = self.model(**inputs)
         return output.logits.float().numpy()
 
+    def runtime(self) -> dict[str, Any]:
+        import torch
+
+        return {"name": "torch", "version": torch.__version__, "threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads()}
+
 
 class OrtRunner:
     format = "onnx"
 
-    def __init__(self, path: Path, threads: int = 2) -> None:
+    def __init__(self, path: Path, threads: int = 2, denormal_as_zero: bool = True) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options(threads, denormal_as_zero)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = self.session.get_inputs()
         self.output_name = self.session.get_outputs()[0].name
@@ -80,6 +86,38 @@ class OrtRunner:
             feeds[spec.name] = value.astype(ORT_DTYPES.get(spec.type, np.float32), copy=False)
         (logits,) = self.session.run([self.output_name], feeds)
         return logits.astype(np.float32, copy=False)
+
+    def runtime(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        options = self.session.get_session_options()
+        return {
+            "name": "onnxruntime",
+            "version": ort.__version__,
+            "execution_provider": self.session.get_providers()[0],
+            "intra_op_threads": options.intra_op_num_threads,
+            "inter_op_threads": options.inter_op_num_threads,
+            "denormal_as_zero": options.get_session_config_entry(DENORMAL_AS_ZERO) == "1",
+        }
+
+
+def session_options(threads: int, denormal_as_zero: bool = True) -> Any:
+    """The settings of every ONNX Runtime session the project creates.
+
+    Denormals as zero: padded positions drive the fused attention into denormal floats, which x86 computes
+    in slow microcode, while flushing them changes no logit beyond the export tolerance
+    (tests/eval/test_runners.py). ORT applies it to its pool threads per session, but to the calling thread
+    only for the first session of the process.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry(DENORMAL_AS_ZERO, "1" if denormal_as_zero else "0")
+    return options
 
 
 def position_ids(attention_mask: np.ndarray) -> np.ndarray:

@@ -1,44 +1,83 @@
-"""Benchmark one artifact in a process of its own, so its peak RSS is its own.
+"""A bench worker: one artifact, loaded once in a process of its own, answering its parent's requests.
 
-Usage: python -m compress.eval.worker REQUEST_JSON RESULT_JSON
+Usage: python -m compress.eval.worker, then one JSON request per line on stdin, one JSON reply per line on stdout:
 
-An ONNX artifact is measured without importing torch or transformers (see runners.py).
+  {"op": "load", "artifact_dir", "evalset", "threads", "batch_size", "seq_len", "real_length_samples"}
+                                                     -> {"runtime": {...}}
+  {"op": "latency", "inputs": "fixed" | "padded" | "real", "warmup": N, "runs": N}
+                                                     -> {"timings_ms": [...]}
+  {"op": "rss"}                                      -> {"peak_rss_mb": X}
+  {"op": "metric", "batch_size": N}                  -> {"name", "value", "rows": {...}}
+  {"op": "exit"}, or the end of stdin: the worker ends.
+
+Between requests the worker blocks on stdin, so it takes no CPU from the variant being timed. A failure ends
+it with the traceback on stderr, which the parent reports. Its own process makes its peak RSS its own, and an
+ONNX artifact is measured without importing torch or transformers (see runners.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
+from typing import TextIO
 
-from compress.eval.latency import measure_latency
+from compress.eval.latency import time_runs
 from compress.eval.metrics import evaluate
-from compress.eval.runners import load_runner
+from compress.eval.runners import Runner, load_runner
 from compress.evalset import EvalSet
 
 
-def run(request: dict) -> dict:
-    runner = load_runner(Path(request["artifact_dir"]), request["threads"])
-    evalset = EvalSet.load(Path(request["evalset"]))
-    warmup, runs = request["warmup"], request["runs"]
-    fixed = evalset.fixed_length_inputs(request["batch_size"], request["seq_len"])
-    latency = measure_latency(runner, [fixed], warmup, runs)
-    latency_real = None
-    samples = evalset.real_length_inputs(request["real_length_samples"])
-    if samples:
-        # Whole cycles, so every sampled row weighs the same in the percentiles.
-        cycles = -(-runs // len(samples))
-        latency_real = measure_latency(runner, samples, warmup, cycles * len(samples))
-    # Read before the metric's large batches, which would inflate the figure beyond what deployment needs.
-    rss_mb = peak_rss_mb()
-    metric = evaluate(runner, evalset, batch_size=request["metric_batch_size"], progress=False)
-    return {
-        "metric": {"name": metric.name, "value": metric.value},
-        "latency_ms": latency,
-        "latency_real_ms": latency_real,
-        "peak_rss_mb": rss_mb,
-    }
+class Worker:
+    def __init__(self) -> None:
+        self.runner: Runner | None = None
+        self.evalset: EvalSet | None = None
+        self.inputs: dict[str, list] = {}
+
+    def handle(self, request: dict) -> dict:
+        handlers = {"load": self.load, "latency": self.latency, "rss": self.rss, "metric": self.metric}
+        op = request.pop("op")
+        if op not in handlers:
+            raise ValueError(f"unknown request {op!r}")
+        if op != "load" and self.runner is None:
+            raise ValueError(f"{op!r} before 'load'")
+        return handlers[op](**request)
+
+    def load(self, artifact_dir: str, evalset: str, threads: int, batch_size: int, seq_len: int,
+             real_length_samples: int) -> dict:
+        self.runner = load_runner(Path(artifact_dir), threads)
+        self.evalset = EvalSet.load(Path(evalset))
+        self.inputs = {
+            "fixed": [self.evalset.real_token_inputs(batch_size, seq_len)],
+            "padded": [self.evalset.padded_inputs(batch_size, seq_len)],
+            "real": self.evalset.real_length_inputs(real_length_samples),
+        }
+        return {"runtime": self.runner.runtime()}
+
+    def latency(self, inputs: str, warmup: int, runs: int) -> dict:
+        chosen = self.inputs[inputs]
+        # Whole cycles through the inputs, so every real-length row weighs the same in the percentiles.
+        cycles = -(-runs // max(len(chosen), 1))
+        return {"timings_ms": time_runs(self.runner, chosen, warmup, cycles * len(chosen))}
+
+    def rss(self) -> dict:
+        return {"peak_rss_mb": peak_rss_mb()}
+
+    def metric(self, batch_size: int) -> dict:
+        result = evaluate(self.runner, self.evalset, batch_size=batch_size, progress=False)
+        return {"name": result.name, "value": result.value, "rows": {k: v.tolist() for k, v in result.rows.items()}}
+
+
+def serve(requests: TextIO, replies: TextIO) -> None:
+    worker = Worker()
+    while line := requests.readline():
+        request = json.loads(line)
+        if request["op"] == "exit":
+            return
+        replies.write(json.dumps(worker.handle(request)) + "\n")
+        replies.flush()
 
 
 def peak_rss_mb() -> float:
@@ -55,13 +94,13 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20 if sys.platform == "darwin" else 1 << 10)  # macOS reports bytes, others KiB
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        sys.exit("usage: python -m compress.eval.worker REQUEST_JSON RESULT_JSON")
-    request_path, result_path = map(Path, argv)
-    result = run(json.loads(request_path.read_text()))
-    result_path.write_text(json.dumps(result, indent=2) + "\n")
+def main() -> None:
+    # Replies go to a private copy of stdout, and fd 1 becomes stderr: a library that prints (Python or C)
+    # cannot corrupt the protocol.
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin, replies)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

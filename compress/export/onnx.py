@@ -1,4 +1,4 @@
-"""Torch model -> ONNX graph with optimum's exporter, then ONNX Runtime's transformer fusions on it."""
+"""Torch model -> portable ONNX graph with optimum's exporter; ONNX Runtime's transformer fusions on a graph."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from compress.arch import TASKS, family
-from compress.errors import CompressError
+from compress.artifact import GRAPH, GRAPH_DATA, graph_files
 
 # Measured on MiniLM-L6 (2 threads, batch 1, seq 128, AVX2): the Python fusions alone (level 0) run as fast
 # as with ORT's level-1/2 rewrites first, and as optimum's ORTOptimizer at level 2 (the session applies those
@@ -19,7 +21,8 @@ FUSION_OPT_LEVEL = 0
 
 
 def export_onnx(model: Any, task: str, out_path: Path, opset: int) -> Path:
-    """Write `model` as a single fp32 ONNX graph (no KV cache for causal LMs) to `out_path`."""
+    """Write `model` as an fp32 ONNX graph (no KV cache for causal LMs) to `out_path`; the weights of a graph
+    over 2 GB go to `model.onnx_data` beside it."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     out_path = Path(out_path)
@@ -35,15 +38,16 @@ def export_onnx(model: Any, task: str, out_path: Path, opset: int) -> Path:
         finally:
             if use_cache is not None:  # optimum's model patcher switches the cache off in the live config for good
                 model.config.use_cache = use_cache
-        graph = Path(scratch) / "model.onnx"
-        if (Path(scratch) / "model.onnx_data").exists():
-            raise CompressError("export: graphs over 2 GB (ONNX external data) are not supported yet")
+        graph, *external = graph_files(Path(scratch) / GRAPH)
         shutil.move(graph, out_path)
+        for data in external:  # the graph refers to its weights file by this very name
+            shutil.move(data, out_path.with_name(GRAPH_DATA))
     return out_path
 
 
-def optimize_onnx(path: Path, config: Any) -> dict[str, int]:
-    """Fuse attention, layer norms and GELU in place, keeping fp32; returns how many of each were fused."""
+def fuse_for_onnxruntime(path: Path, config: Any) -> dict[str, int]:
+    """Fuse attention, layer norms and GELU in place into ONNX Runtime's own ops, keeping fp32; returns how
+    many of each were fused."""
     from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -61,5 +65,12 @@ def optimize_onnx(path: Path, config: Any) -> dict[str, int]:
         optimization_options=options,
         opt_level=FUSION_OPT_LEVEL,
     )
-    optimized.save_model_to_file(str(path))
+    optimized.save_model_to_file(str(path), use_external_data_format=len(graph_files(path)) > 1)
     return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+
+
+def graph_runtime(path: Path) -> str:
+    """'portable' when every node is a default-domain ONNX op, else 'onnxruntime' (its contrib ops)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    custom = any(node.domain not in ("", "ai.onnx") for node in graph.node)
+    return "onnxruntime" if custom else "portable"

@@ -14,7 +14,7 @@ INT8_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantize
 
 
 def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool, reduce_range: bool,
-                          keep_fp32: list[str] = ()) -> dict[str, Any]:
+                          keep_fp32: list[str] = (), external_data: bool = False) -> dict[str, Any]:
     """Quantize `src` into `dst`, except nodes whose name contains a `keep_fp32` pattern; returns both sizes,
     how many int8 ops the new graph holds and how many nodes were kept in fp32.
 
@@ -32,6 +32,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool, reduce_range:
         reduce_range=reduce_range,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=excluded,
+        use_external_data_format=external_data,
         # ONNX shape inference cannot type the outputs of ORT's fused ops (Attention, SkipLayerNormalization);
         # every float in our graphs is fp32.
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},

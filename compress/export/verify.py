@@ -9,7 +9,34 @@ import numpy as np
 from compress.errors import ExportMismatch
 from compress.eval.metrics import EvalResult, agreement
 from compress.evalset import EvalSet
-from compress.recipe import FloatTolerance, QuantTolerance
+from compress.settings import FloatTolerance, QuantTolerance
+
+# Causal LM logits are [B, L, vocab]: keep each compared batch small.
+VERIFY_BATCH = 4
+
+
+def reference_logits(runner: Any, evalset: EvalSet) -> list[np.ndarray]:
+    """What the model computes on each verification batch, kept before anything rewrites it."""
+    return [runner.logits(features) for _, features in evalset.batches(VERIFY_BATCH)]
+
+
+def verify_logits(reference: list[np.ndarray], candidate: Any, evalset: EvalSet, tol: FloatTolerance) -> dict:
+    """`candidate` (a runner) must reproduce `reference` on every batch within `tol`; ExportMismatch otherwise."""
+    max_abs_diff = 0.0
+    for (rows, features), expected in zip(evalset.batches(VERIFY_BATCH), reference, strict=True):
+        actual = candidate.logits(features)
+        checked = verify_float(real_tokens_only(expected, features), real_tokens_only(actual, features), tol,
+                               output_name=f"logits of eval rows {rows.start}-{rows.stop - 1}")
+        max_abs_diff = max(max_abs_diff, checked["max_abs_diff"])
+    return {"max_abs_diff": max_abs_diff, "rows": len(evalset)}
+
+
+def real_tokens_only(logits: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
+    """Zero a causal LM's logits at padding: they mean nothing, and torch and the graph number padded
+    positions differently (torch counts on, the graph's runner repeats the last real position)."""
+    if logits.ndim != 3:
+        return logits
+    return np.where(features["attention_mask"][..., None].astype(bool), logits, 0.0)
 
 
 def verify_float(reference: np.ndarray, candidate: np.ndarray, tol: FloatTolerance,

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from compress.eval.latency import measure_latency
+from compress.eval.latency import summarize, time_runs
 
 
 class RecordingRunner:
@@ -20,17 +20,33 @@ class RecordingRunner:
         return np.zeros((1, 2), dtype=np.float32)
 
 
-def test_latency_percentiles_in_milliseconds_cycling_through_inputs():
+def test_timed_runs_in_milliseconds_after_warmup_cycling_through_inputs():
     runner = RecordingRunner()
     inputs = [{"input_ids": np.array([[i]])} for i in range(3)]
-    latency = measure_latency(runner, inputs, warmup=2, runs=7)
-    assert set(latency) == {"p50", "p90", "mean"}
-    assert 1.0 <= latency["p50"] <= latency["p90"] < 1000
+    timings = time_runs(runner, inputs, warmup=2, runs=7)
+    assert len(timings) == 7
+    assert all(1.0 <= t < 1000 for t in timings)
     assert runner.seen == [0, 1] + [0, 1, 2, 0, 1, 2, 0]
 
 
-def test_latency_needs_inputs_and_runs():
+def test_timed_runs_need_inputs_and_runs():
     with pytest.raises(ValueError):
-        measure_latency(RecordingRunner(), [], warmup=0, runs=5)
+        time_runs(RecordingRunner(), [], warmup=0, runs=5)
     with pytest.raises(ValueError):
-        measure_latency(RecordingRunner(), [{"input_ids": np.array([[0]])}], warmup=0, runs=0)
+        time_runs(RecordingRunner(), [{"input_ids": np.array([[0]])}], warmup=0, runs=0)
+
+
+def test_summary_pools_the_rounds_and_measures_their_spread():
+    rounds = [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [3.0, 3.0]]
+    summary = summarize(rounds)
+    pooled = [1.0, 2.0, 3.0, 2.0, 4.0, 6.0, 3.0, 3.0]
+    assert summary["p50"] == pytest.approx(np.percentile(pooled, 50)) == 3.0
+    assert summary["p90"] == pytest.approx(np.percentile(pooled, 90))
+    assert summary["mean"] == pytest.approx(np.mean(pooled))
+    assert summary["rounds"] == [2.0, 4.0, 3.0]
+    assert summary["spread"] == pytest.approx((4.0 - 2.0) / 3.0)
+
+
+def test_summary_needs_a_timing_in_every_round():
+    with pytest.raises(ValueError):
+        summarize([[1.0], []])

@@ -5,74 +5,93 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compress.artifact import Artifact
 from compress.eval.metrics import evaluate
 from compress.eval.runners import TorchRunner
 
+WORKER = [sys.executable, "-m", "compress.eval.worker"]
 # Runs the worker as `python -m` would, then fails if that pulled in torch.
-NO_TORCH_LAUNCHER = """
+NO_TORCH_WORKER = [sys.executable, "-c", """
 import runpy, sys
-sys.argv = ["worker", *sys.argv[1:]]
 runpy.run_module("compress.eval.worker", run_name="__main__")
 assert "torch" not in sys.modules, "the ONNX worker imported torch"
 assert "transformers" not in sys.modules, "the ONNX worker imported transformers"
-"""
+"""]
+MEASURE = [
+    {"op": "latency", "inputs": "fixed", "warmup": 1, "runs": 4},
+    {"op": "latency", "inputs": "padded", "warmup": 0, "runs": 2},
+    {"op": "latency", "inputs": "real", "warmup": 1, "runs": 3},
+    {"op": "rss"},
+    {"op": "metric", "batch_size": 3},
+]
 
 
-def write_request(tmp_path: Path, artifact_dir: Path, evalset, real_length_samples: int) -> tuple[Path, Path]:
-    evalset_path = tmp_path / "evalset.npz"
-    evalset.save(evalset_path)
-    request = {
-        "artifact_dir": str(artifact_dir), "evalset": str(evalset_path), "threads": 1, "batch_size": 2,
-        "seq_len": 16, "warmup": 1, "runs": 10, "real_length_samples": real_length_samples, "metric_batch_size": 3,
-    }
-    request_path = tmp_path / "request.json"
-    request_path.write_text(json.dumps(request))
-    return request_path, tmp_path / "result.json"
+def converse(command: list[str], artifact_dir: Path, evalset, scratch: Path, requests: list[dict]) -> list[dict]:
+    """Sends a load and `requests` down the worker's stdin at once, then the end of input; returns its replies."""
+    evalset.save(scratch / "evalset.npz")
+    load = {"op": "load", "artifact_dir": str(artifact_dir), "evalset": str(scratch / "evalset.npz"), "threads": 1,
+            "batch_size": 2, "seq_len": 16, "real_length_samples": 2}
+    stdin = "".join(json.dumps(request) + "\n" for request in [load, *requests])
+    done = subprocess.run(command, input=stdin, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
-def check_contract(result: dict) -> None:
-    assert set(result) == {"metric", "latency_ms", "latency_real_ms", "peak_rss_mb"}
-    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p90"]
-    assert result["peak_rss_mb"] > 10
+def check_measurements(replies: list[dict], metric_name: str) -> dict:
+    fixed, padded, real, rss, metric = replies
+    assert len(fixed["timings_ms"]) == 4 and len(padded["timings_ms"]) == 2
+    assert len(real["timings_ms"]) == 4  # 3 runs rounded up to whole cycles through the 2 rows
+    assert all(t > 0 for t in fixed["timings_ms"] + padded["timings_ms"] + real["timings_ms"])
+    assert rss["peak_rss_mb"] > 10
+    assert metric["name"] == metric_name
+    return metric
 
 
 @pytest.fixture(scope="module")
-def torch_result(bert_torch_artifact, classification_evalset, tmp_path_factory) -> dict:
-    request, result = write_request(tmp_path_factory.mktemp("worker-torch"), bert_torch_artifact,
-                                    classification_evalset, real_length_samples=3)
-    subprocess.run([sys.executable, "-m", "compress.eval.worker", str(request), str(result)], check=True)
-    return json.loads(result.read_text())
+def torch_replies(bert_torch_artifact, classification_evalset, tmp_path_factory) -> list[dict]:
+    return converse(WORKER, bert_torch_artifact, classification_evalset, tmp_path_factory.mktemp("worker-torch"),
+                    [*MEASURE, {"op": "exit"}])
 
 
-def test_torch_worker_writes_the_contract(torch_result):
-    check_contract(torch_result)
-    assert torch_result["metric"]["name"] == "accuracy"
-    assert 0.0 <= torch_result["metric"]["value"] <= 1.0
-    assert set(torch_result["latency_real_ms"]) == {"p50", "p90", "mean"}
+def test_torch_worker_answers_every_request(torch_replies, classification_evalset):
+    load, *measurements = torch_replies
+    assert load["runtime"]["name"] == "torch"
+    assert load["runtime"]["threads"] == 1
+    assert set(load["runtime"]) == {"name", "version", "threads", "interop_threads"}
+    metric = check_measurements(measurements, "accuracy")
+    assert metric["rows"]["correct"] == [int(c) for c in np.asarray(metric["rows"]["correct"])]
+    assert len(metric["rows"]["correct"]) == len(classification_evalset)
+    assert metric["value"] == pytest.approx(np.mean(metric["rows"]["correct"]))
 
 
-def test_onnx_worker_stays_free_of_torch_and_agrees(torch_result, bert_onnx_artifact, classification_evalset,
+def test_onnx_worker_stays_free_of_torch_and_agrees(torch_replies, bert_onnx_artifact, classification_evalset,
                                                      tmp_path):
-    request, result = write_request(tmp_path, bert_onnx_artifact, classification_evalset, real_length_samples=0)
-    done = subprocess.run([sys.executable, "-c", NO_TORCH_LAUNCHER, str(request), str(result)],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    onnx_result = json.loads(result.read_text())
-    check_contract(onnx_result)
-    assert onnx_result["latency_real_ms"] is None
-    assert onnx_result["metric"]["value"] == pytest.approx(torch_result["metric"]["value"])
+    load, *measurements = converse(NO_TORCH_WORKER, bert_onnx_artifact, classification_evalset, tmp_path, MEASURE)
+    assert load["runtime"] == {"name": "onnxruntime", "version": load["runtime"]["version"],
+                               "execution_provider": "CPUExecutionProvider", "intra_op_threads": 1,
+                               "inter_op_threads": 1, "denormal_as_zero": True}
+    metric = check_measurements(measurements, "accuracy")
+    assert metric["rows"] == torch_replies[-1]["rows"]
 
 
-def test_onnx_lm_worker_reports_the_torch_perplexity(tiny_causal_lm, llama_onnx_dirs, lm_evalset, tmp_path):
+def test_onnx_lm_worker_reports_the_torch_perplexity_per_window(tiny_causal_lm, llama_onnx_dirs, lm_evalset,
+                                                                tmp_path):
     model, tokenizer = tiny_causal_lm
     graph = llama_onnx_dirs["text-generation-with-past"] / "model.onnx"
     artifact = Artifact("causal-lm", model.config, tokenizer, onnx_path=graph).save(tmp_path / "artifact")
-    request, result = write_request(tmp_path, artifact, lm_evalset, real_length_samples=2)
-    subprocess.run([sys.executable, "-m", "compress.eval.worker", str(request), str(result)], check=True)
-    onnx_result = json.loads(result.read_text())
-    check_contract(onnx_result)
+    _, *measurements = converse(WORKER, artifact, lm_evalset, tmp_path, MEASURE)
+    metric = check_measurements(measurements, "perplexity")
     expected = evaluate(TorchRunner(model), lm_evalset, progress=False)
-    assert onnx_result["metric"] == {"name": "perplexity", "value": pytest.approx(expected.value, rel=1e-5)}
+    assert metric["value"] == pytest.approx(expected.value, rel=1e-5)
+    assert metric["rows"]["tokens"] == expected.rows["tokens"].tolist()
+    np.testing.assert_allclose(metric["rows"]["nll"], expected.rows["nll"], rtol=1e-5)
+
+
+def test_a_request_before_load_ends_the_worker_with_the_reason():
+    done = subprocess.run(WORKER, input='{"op": "rss"}\n', capture_output=True, text=True, check=False)
+    assert done.returncode != 0
+    assert "'rss' before 'load'" in done.stderr
+    assert done.stdout == ""
