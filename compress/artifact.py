@@ -108,7 +108,10 @@ class Artifact:
         """Identifies what this artifact computes (weights or graph, config, tokenizer), for stage caching."""
         self._check_holds_its_kind()
         digest = hashlib.sha256(self.task.encode())
-        digest.update(self.config.to_json_string(use_diff=False).encode())
+        config = self.config.to_dict()
+        for provenance in ("_name_or_path", "architectures", "transformers_version"):  # not what it computes
+            config.pop(provenance, None)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         digest.update(tokenizer_fingerprint(self.tokenizer).encode())
         if self.format == "torch":
             import torch
@@ -162,7 +165,13 @@ def deployed_weights(directory: Path, kind: Kind) -> list[str]:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    described = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is None:
+        described = json.dumps(sorted(tokenizer.get_vocab().items()))
+    else:
+        state = json.loads(backend.to_str())
+        for per_call in ("padding", "truncation"):  # set by the last call that padded or truncated
+            state.pop(per_call, None)
+        described = json.dumps(state, sort_keys=True)
     return hashlib.sha256(f"{described}|{tokenizer.pad_token_id}".encode()).hexdigest()
 
 

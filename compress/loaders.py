@@ -20,15 +20,17 @@ CAUSAL_LM = "causal-lm"
 Row = dict[str, Any]  # token lists (or arrays) per model input; training rows also hold `labels`
 
 
-def train_loader(table: Any, tokenizer: Any, task: str, max_length: int, batch_size: int, seed: int) -> DataLoader:
+def train_loader(table: Any, tokenizer: Any, task: str, max_length: int, batch_size: int,
+                 seed: int) -> DataLoader:
     """Shuffled (seeded) torch batches with `labels`: class ids, or the input ids for causal LM."""
     if task == CAUSAL_LM:
-        rows = [{"input_ids": block, "attention_mask": np.ones_like(block)} for block in lm_blocks(table, tokenizer, max_length)]
+        rows = block_rows(lm_blocks(table, tokenizer, max_length))
     else:
-        rows = [{**row, "labels": label} for row, label in zip(encode_rows(table, tokenizer, max_length), table["label"])]
+        encoded = encode_rows(table, tokenizer, max_length)
+        rows = [{**row, "labels": label} for row, label in zip(encoded, table["label"], strict=True)]
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, causal=task == CAUSAL_LM)
-    return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                      collate_fn=collate)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
 
 
 def calibration_batches(table: Any, tokenizer: Any, task: str, max_length: int, samples: int, batch_size: int,
@@ -37,10 +39,11 @@ def calibration_batches(table: Any, tokenizer: Any, task: str, max_length: int, 
     rng = np.random.default_rng(seed)
     if task == CAUSAL_LM:
         blocks = lm_blocks(table, tokenizer, max_length)
-        rows = [{"input_ids": block, "attention_mask": np.ones_like(block)} for block in blocks[drawn(rng, len(blocks), samples)]]
+        rows = block_rows(blocks[drawn(rng, len(blocks), samples)])
     else:
         rows = encode_rows(table.select(drawn(rng, len(table), samples)), tokenizer, max_length)
-    return [pad_right(rows[start:start + batch_size], tokenizer.pad_token_id) for start in range(0, len(rows), batch_size)]
+    starts = range(0, len(rows), batch_size)
+    return [pad_right(rows[start:start + batch_size], tokenizer.pad_token_id) for start in starts]
 
 
 def drawn(rng: np.random.Generator, population: int, samples: int) -> np.ndarray:
@@ -54,6 +57,10 @@ def encode_rows(table: Any, tokenizer: Any, max_length: int) -> list[Row]:
     return [{key: values[i] for key, values in encoded.items()} for i in range(len(table))]
 
 
+def block_rows(blocks: np.ndarray) -> list[Row]:
+    return [{"input_ids": block, "attention_mask": np.ones_like(block)} for block in blocks]
+
+
 def lm_blocks(table: Any, tokenizer: Any, max_length: int) -> np.ndarray:
     """int64 [blocks, max_length]: the text as one token stream; a last, shorter block is dropped."""
     ids = np.asarray(lm_token_ids(table["text"], tokenizer), dtype=np.int64)
@@ -65,7 +72,8 @@ def lm_blocks(table: Any, tokenizer: Any, max_length: int) -> np.ndarray:
 def pad_right(rows: list[Row], pad_id: int) -> dict[str, np.ndarray]:
     """int64 arrays as wide as the longest row; input_ids padded with `pad_id`, every other input with 0."""
     width = max(len(row["input_ids"]) for row in rows)
-    batch = {key: np.full((len(rows), width), pad_id if key == "input_ids" else 0, dtype=np.int64) for key in rows[0]}
+    batch = {key: np.full((len(rows), width), pad_id if key == "input_ids" else 0, dtype=np.int64)
+             for key in rows[0]}
     for i, row in enumerate(rows):
         for key, values in row.items():
             batch[key][i, : len(values)] = values

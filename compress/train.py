@@ -1,4 +1,4 @@
-"""The one training loop (on accelerate), for every pass that trains: fine-tuning, distillation, QAT, recovery.
+"""The one training loop (on accelerate), for every pass that trains: finetune, distillation, QAT, recovery.
 
 A pass adapts it with a `loss_fn` (the objective: it sees the model's outputs, e.g. against a teacher's) and
 with `Callback`s (hooks around each step: masks, scores, penalties, observer freezing), all in one run.
@@ -32,7 +32,8 @@ from compress.sysinfo import machine_info
 
 log = logging.getLogger("compress")
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[Any, Batch], torch.Tensor]
+LossFn = Callable[[Any, Batch], torch.Tensor]  # (model, batch) -> loss
+Evaluate = Callable[[Any], dict[str, float]]  # model -> scores
 MODEL_FILE, STATE_TENSORS, STATE_JSON = "model.safetensors", "state.safetensors", "state.json"
 
 
@@ -52,11 +53,13 @@ class Callback:
     """Hooks into `train`; each does nothing until overridden. `model` is the unwrapped model.
 
     Per optimizer step, in order: for each of its `grad_accum` micro-batches `on_batch_start(state, batch)`,
-    then `extra_loss(state, model)` (a tensor the loop adds to that micro-batch's loss, or None: penalties
-    such as L0), then backward; once all micro-batches are done `on_after_backward` (the full gradient,
-    already unscaled under fp16), `optimizer.step()`, `on_step_end`. Then `on_epoch_end` after each epoch's
-    evaluation and `on_train_end` once. `state_dict` goes into checkpoints: JSON values and tensors (which come
-    back on the CPU in `load_state_dict`).
+    the forward pass in `loss_fn`, then `extra_loss(state, model)`: a tensor the loop adds to that
+    micro-batch's loss (a penalty such as L0; it may use activations the forward pass left in hooks), or None;
+    then backward. Once all micro-batches are done: `on_after_backward` (the summed gradient, unscaled under
+    fp16), `optimizer.step()`, `on_step_end`. `on_epoch_end` follows each epoch's evaluation, `on_train_end`
+    comes once. An objective that needs the model's outputs (distillation) is a `loss_fn`, not a callback.
+
+    `state_dict` goes into checkpoints (JSON values, tensors); `load_state_dict` gets its tensors on the CPU.
     """
 
     def on_batch_start(self, state: TrainState, batch: Batch) -> None:
@@ -96,7 +99,7 @@ def train(
     seed: int,
     loss_fn: LossFn = default_loss,
     callbacks: Sequence[Callback] = (),
-    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    evaluate: Evaluate | None = None,
     desc: str = "train",
     quiet: bool = False,
     checkpoint_dir: Path | None = None,
@@ -108,24 +111,31 @@ def train(
     `evaluate(model)` runs after each epoch on the unwrapped model in eval mode, on its device. With
     `checkpoint_dir`, a checkpoint is written every `settings.checkpoint_every` steps and the newest one
     there is resumed: the result is that of an uninterrupted run. The model stays on the training device.
+
+    Returns steps, samples, seconds, samples_per_s (of this call), final_loss (mean of the last tenth of
+    the steps), evals (one dict per epoch), precision (the one used) and resumed_from_step (or None).
     """
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
 
     set_seed(seed)
     # The seedable sampler shuffles epoch e with seed + e: an epoch's order can be replayed on resume.
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    data_order = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
+    # Autocast and the fp16 scaler are applied here, around the loss only: accelerate's would wrap the model's
+    # forward, and evaluation and the returned model would run in reduced precision too.
+    accelerator = Accelerator(mixed_precision="no", dataloader_config=data_order)
     precision = resolve_precision(settings.precision, accelerator.device)
     model, loader = accelerator.prepare(model, loader)
-    run = Run(accelerator, model, loader, settings, seed, loss_fn, list(callbacks), precision, checkpoint_dir)
+    run = TrainingRun(accelerator, model, loader, settings, seed, loss_fn, list(callbacks), precision,
+                      checkpoint_dir)
     return run.fit(evaluate, desc, quiet)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """fp32, bf16 or fp16: `auto` takes bf16 where the device computes it natively."""
     if requested == "fp16" and device.type != "cuda":
-        raise RecipeError(f"precision: fp16 needs a CUDA GPU (a gradient scaler guards it), but training runs on "
-                          f"{device.type}; use bf16 or fp32")
+        raise RecipeError(f"precision: fp16 needs a CUDA GPU (a gradient scaler guards it), but training "
+                          f"runs on {device.type}; use bf16 or fp32")
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -135,11 +145,12 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16" if native else "fp32"
 
 
-class Run:
+class TrainingRun:
     """One call of `train`: the prepared objects, the state, and what the summary reports."""
 
     def __init__(self, accelerator: Any, model: Any, loader: Any, settings: TrainSettings, seed: int,
-                 loss_fn: LossFn, callbacks: list[Callback], precision: str, checkpoint_dir: Path | None) -> None:
+                 loss_fn: LossFn, callbacks: list[Callback], precision: str,
+                 checkpoint_dir: Path | None) -> None:
         from transformers import get_linear_schedule_with_warmup
 
         self.accelerator, self.model, self.loader, self.settings = accelerator, model, loader, settings
@@ -150,14 +161,15 @@ class Run:
         total = min(steps_per_epoch * settings.epochs, settings.max_steps or math.inf)
         self.state = TrainState(total_steps=total)
         self.optimizer = adamw(self.module, settings)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, math.ceil(total * settings.warmup_ratio), total)
+        warmup = math.ceil(total * settings.warmup_ratio)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total)
         self.scaler = torch.amp.GradScaler(accelerator.device.type, enabled=precision == "fp16")
         self.losses: list[float] = []
         self.evals: list[dict[str, float]] = []
         # A checkpoint is resumed only by the same run: same settings, seed and data size.
         self.plan = {"settings": settings.model_dump(mode="json"), "seed": seed, "micro_batches": len(loader)}
 
-    def fit(self, evaluate: Callable[[Any], dict[str, float]] | None, desc: str, quiet: bool) -> dict[str, Any]:
+    def fit(self, evaluate: Evaluate | None, desc: str, quiet: bool) -> dict[str, Any]:
         resumed_from = self.resume()
         started, samples_before = time.perf_counter(), self.state.samples
         bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc=desc, unit="step",
@@ -206,7 +218,8 @@ class Run:
             last = i == len(group) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):  # all-reduce once per step
                 with self.autocast():
-                    loss = sum(self.extra_losses(), self.loss_fn(self.model, batch))
+                    loss = self.loss_fn(self.model, batch)
+                    loss = sum(self.extra_losses(), loss)
                 self.accelerator.backward(self.scaler.scale(loss / len(group)))
             losses.append(loss.detach().float())
             self.state.micro_step += 1
@@ -230,7 +243,7 @@ class Run:
         extras = (callback.extra_loss(self.state, self.module) for callback in self.callbacks)
         return [extra for extra in extras if extra is not None]
 
-    def end_epoch(self, evaluate: Callable[[Any], dict[str, float]] | None, bar: Any) -> None:
+    def end_epoch(self, evaluate: Evaluate | None, bar: Any) -> None:
         if evaluate is not None:
             self.module.eval()
             self.evals.append({"epoch": self.state.epoch + 1, **evaluate(self.module)})
@@ -330,12 +343,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def read_snapshot(checkpoint: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    return join_tensors(json.loads((checkpoint / STATE_JSON).read_text()), load_file(str(checkpoint / STATE_TENSORS)))
+    tree = json.loads((checkpoint / STATE_JSON).read_text())
+    return join_tensors(tree, load_file(str(checkpoint / STATE_TENSORS)))
 
 
 def split_tensors(tree: Any, path: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
-    """(JSON-able tree, tensors by path): each tensor becomes {"__tensor__": path}; a dict whose keys are not
-    all strings (an optimizer's state is keyed by parameter index) becomes {"__items__": [[key, value], ...]}."""
+    """(JSON-able tree, tensors by path): each tensor becomes {"__tensor__": path}; a dict whose keys are
+    not all strings (an optimizer's state is keyed by parameter index) becomes {"__items__": [[k, v]...]}."""
     if isinstance(tree, torch.Tensor):
         return {"__tensor__": path}, {path: tree.detach().contiguous().cpu()}
     if isinstance(tree, dict):
@@ -396,7 +410,7 @@ class DeviceRunner(TorchRunner):
 
 
 def scores_on(eval_set: EvalSet, progress: bool = False) -> Callable[[Any], dict[str, float]]:
-    """An `evaluate` for `train`: the task metric of the model on `eval_set`, computed on the model's device."""
+    """An `evaluate` for `train`: the model's task metric on `eval_set`, computed on the model's device."""
 
     def scores(model: Any) -> dict[str, float]:
         result = evaluate_metric(DeviceRunner(model), eval_set, progress=progress)

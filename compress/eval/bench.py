@@ -32,12 +32,6 @@ class Variant:
     parent: str | None = None  # the variant this one was made from that deploys on the same runtime
 
 
-def default_baseline(variants: list[Variant]) -> str:
-    """The last torch model (the one that got exported), or the first variant when none is torch."""
-    torch_variants = [v for v in variants if v.format == "torch"]
-    return torch_variants[-1].name if torch_variants else variants[0].name
-
-
 def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, baseline: str, quiet: bool = False) -> dict:
     """Metric, latency, size and peak memory of every variant, with speed-ups and metric change vs `baseline`
     and vs each variant's parent."""

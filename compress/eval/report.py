@@ -47,16 +47,17 @@ def _machine_section(machine: dict, threads: int) -> list[str]:
 
 
 def _method(bench: dict, baseline: str) -> str:
+    batch, seq_len = bench["batch_size"], bench["seq_len"]
     return (
         f"Latency in {bench['rounds']} interleaved rounds (each round times every variant in turn), "
         f"{bench['runs']} timed runs per variant and input over all rounds, after {bench['warmup']} warm-up runs "
-        f"in each round. Fixed length: batch {bench['batch_size']} x {bench['seq_len']} real tokens (the eval "
-        f"rows' tokens one after another, no padding); padded: {bench['batch_size']} eval rows right-padded to "
-        f"{bench['seq_len']}; real lengths: batch 1, up to {bench['real_length_samples']} eval rows each at its "
-        "own length. p50 over all rounds, ± the spread of the rounds' p50s ((max - min) / p50). ×baseline and "
-        "×parent are ratios of fixed-length p50s taken in this one interleaved run. "
-        f"Metric change vs the baseline `{baseline}` with a paired-bootstrap 95 % interval over the eval rows "
-        f"({BOOTSTRAP_RESAMPLES} resamples). Size: the files each variant deploys; zipped: each deflated."
+        f"in each round. Fixed length: batch {batch} × {seq_len} real tokens (the eval rows' tokens one after "
+        f"another, no padding); padded: batch {batch} of eval rows right-padded to {seq_len}; real lengths: "
+        f"batch 1, up to {bench['real_length_samples']} eval rows each at its own length. p50 over all rounds, "
+        "± the spread of the rounds' p50s ((max - min) / p50); ×baseline and ×parent are ratios of fixed-length "
+        f"p50s taken in this one interleaved run. Metric change vs the baseline `{baseline}` with a "
+        f"paired-bootstrap 95 % interval over the eval rows ({BOOTSTRAP_RESAMPLES} resamples). Size: the files "
+        "each variant deploys; zipped: each of them deflated."
     )
 
 
@@ -90,8 +91,12 @@ def _table(rows: list[dict], baseline: str) -> list[str]:
 def _runtime_cell(runtime: dict) -> str:
     if runtime["name"] == "onnxruntime":
         provider = runtime["execution_provider"].removesuffix("ExecutionProvider")
-        return f"onnxruntime {provider}, {runtime['intra_op_threads']} threads"
-    return f"{runtime['name']}, {runtime['threads']} threads"
+        return f"onnxruntime {provider}, {_threads(runtime['intra_op_threads'])}"
+    return f"{runtime['name']}, {_threads(runtime['threads'])}"
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread" if count == 1 else f"{count} threads"
 
 
 def _metric_value(metric: dict) -> str:

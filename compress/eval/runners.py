@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from compress.artifact import GRAPH, read_manifest
+from compress.artifact import GRAPH, TORCH_DTYPES, read_manifest
+from compress.kinds import Kind
 
 DENORMAL_AS_ZERO = "session.set_denormal_as_zero"
 ORT_DTYPES = {
@@ -132,9 +133,11 @@ def empty_past(shape: list[int | str | None], batch: int) -> np.ndarray:
 def load_runner(artifact_dir: Path, threads: int) -> TorchRunner | OrtRunner:
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
-    if manifest["deploys"] == "onnx":
+    kind = Kind.from_json(manifest["kind"])
+    if kind.format == "onnx":
         return OrtRunner(artifact_dir / GRAPH, threads)
-    from compress.models import auto_class
+    from compress.arch import auto_class
 
-    # dtype="auto": a torch artifact deploys at the precision it was saved in.
-    return TorchRunner(auto_class(manifest["task"]).from_pretrained(artifact_dir, dtype="auto"), threads)
+    # A torch artifact deploys at the precision it was saved in.
+    dtype = TORCH_DTYPES.get(kind.weights, "float32")
+    return TorchRunner(auto_class(manifest["task"]).from_pretrained(artifact_dir, dtype=dtype), threads)

@@ -58,9 +58,11 @@ class Worker:
 
     def latency(self, inputs: str, warmup: int, runs: int) -> dict:
         chosen = self.inputs[inputs]
+        if not chosen:
+            raise ValueError(f"no {inputs!r} inputs to time")
         # Whole cycles through the inputs, so every real-length row weighs the same in the percentiles.
-        cycles = -(-runs // max(len(chosen), 1))
-        return {"timings_ms": time_runs(self.runner, chosen, warmup, cycles * len(chosen))}
+        whole_cycles = -(-runs // len(chosen)) * len(chosen)
+        return {"timings_ms": time_runs(self.runner, chosen, warmup, whole_cycles)}
 
     def rss(self) -> dict:
         return {"peak_rss_mb": peak_rss_mb()}

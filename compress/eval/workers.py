@@ -68,23 +68,22 @@ class WorkerProcess:
                 self.send({"op": "exit"})
             except BenchError:
                 pass  # it ended on its own
-        try:
-            self.process.wait(timeout=EXIT_GRACE_S if graceful else 0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self._end(EXIT_GRACE_S if graceful else 0)
         with suppress(BrokenPipeError):  # a request the worker never read may still sit in the buffer
             self.process.stdin.close()
         self.process.stdout.close()
 
     def _failure(self) -> BenchError:
+        self._end(EXIT_GRACE_S)
+        tail = self.stderr_path.read_text(errors="replace")[-STDERR_TAIL:]
+        return BenchError(f"bench worker for {self.name!r} failed (exit {self.process.returncode}):\n{tail}")
+
+    def _end(self, grace_s: float) -> None:
         try:
-            self.process.wait(timeout=EXIT_GRACE_S)
+            self.process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        tail = self.stderr_path.read_text(errors="replace")[-STDERR_TAIL:]
-        return BenchError(f"bench worker for {self.name!r} failed (exit {self.process.returncode}):\n{tail}")
 
 
 @contextmanager

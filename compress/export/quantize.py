@@ -42,6 +42,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool, reduce_range:
         "bytes_after": dst.stat().st_size,
         "weight_type": "int8",
         "int8_ops": int8_op_counts(dst),
+        "int8_weights": int8_weight_count(dst),
         "kept_fp32_nodes": len(excluded),
     }
 
@@ -50,9 +51,19 @@ def nodes_matching(path: Path, patterns: list[str]) -> list[str]:
     if not patterns:
         return []
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [node.name for node in graph.node if any(pattern in node.name for pattern in patterns)]
+    matched = [node for node in graph.node if any(pattern in node.name for pattern in patterns)]
+    # Dynamic quantization first splits each Gemm into MatMul + Add named '<gemm>_MatMul', and matches the
+    # exclusions against that new name.
+    return [*(node.name for node in matched), *(f"{node.name}_MatMul" for node in matched if node.op_type == "Gemm")]
 
 
 def int8_op_counts(path: Path) -> dict[str, int]:
     graph = onnx.load(str(path), load_external_data=False).graph
     return dict(sorted(Counter(node.op_type for node in graph.node if node.op_type in INT8_OPS).items()))
+
+
+def int8_weight_count(path: Path) -> int:
+    """Weights stored as 8-bit integers: zero means nothing was really quantized."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return sum(1 for weight in graph.initializer if weight.data_type in eight_bit and len(weight.dims) >= 2)

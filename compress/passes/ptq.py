@@ -24,9 +24,9 @@ def run(artifact: Artifact, step: PTQStep, ctx: Context) -> Artifact:
     reduce_range = step.resolved_reduce_range()
     quantized = quantize_dynamic_int8(source, target, step.per_channel, reduce_range, step.keep_fp32,
                                       artifact.kind.external_data)
-    if not quantized["int8_ops"]:
-        raise NothingToDo(f"ptq: no node was quantized (keep_fp32 {step.keep_fp32} kept "
-                          f"{quantized['kept_fp32_nodes']} nodes in fp32); a graph labelled int8 must hold int8 ops")
+    if not quantized["int8_weights"]:
+        raise NothingToDo(f"ptq: no weight was quantized (keep_fp32 {step.keep_fp32} kept "
+                          f"{quantized['kept_fp32_nodes']} nodes in fp32); a graph labelled int8 must hold int8 weights")
     evalset = ctx.eval_set(artifact.tokenizer).take(step.verify.samples)
     before = evaluate(OrtRunner(source, threads=EVAL_THREADS), evalset, progress=not ctx.quiet)
     after = evaluate(OrtRunner(target, threads=EVAL_THREADS), evalset, progress=not ctx.quiet)

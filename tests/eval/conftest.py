@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from compress.artifact import Artifact
+from compress.kinds import Kind
 
 
 def _export_classifier(model, path: Path) -> Path:
@@ -34,7 +35,8 @@ def bert_onnx_artifact(tiny_classifier, tmp_path_factory) -> Path:
     model, tokenizer = tiny_classifier
     graph = _export_classifier(model, tmp_path_factory.mktemp("bert-export") / "model.onnx")
     directory = tmp_path_factory.mktemp("bert-onnx")
-    return Artifact("sequence-classification", model.config, tokenizer, onnx_path=graph, source="tiny").save(directory)
+    return Artifact("sequence-classification", model.config, tokenizer, onnx_path=graph, kind=Kind("onnx"),
+                    source="tiny").save(directory)
 
 
 @pytest.fixture(scope="session")

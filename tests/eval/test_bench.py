@@ -1,57 +1,169 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 
+import psutil
 import pytest
 
+from compress.errors import BenchError
+from compress.eval import workers
 from compress.eval.bench import Variant, run_bench
 from compress.eval.report import write_results
-from compress.recipe import BenchConfig
+from compress.eval.size import deployed_files, disk_size
+from compress.eval.workers import WorkerProcess
+from compress.settings import BenchConfig
 
-ROW_KEYS = {"name", "format", "precision", "metric", "latency_ms", "latency_real_ms", "batch_size", "seq_len",
-            "threads", "size_bytes", "peak_rss_mb", "speedup_p50", "metric_delta"}
-CONFIG = BenchConfig(batch_size=2, seq_len=16, threads=1, warmup=1, runs=10, real_length_samples=2)
+ROW_KEYS = {"name", "format", "precision", "parent", "runtime", "metric", "metric_delta", "metric_delta_ci95",
+            "metric_change_rel", "metric_change_rel_ci95", "latency_ms", "latency_padded_ms", "latency_real_ms",
+            "batch_size", "seq_len", "speedup_vs_baseline", "speedup_vs_parent", "size_bytes", "size_zipped_bytes",
+            "peak_rss_mb"}
+LATENCY_KEYS = {"p50", "p90", "mean", "rounds", "spread"}
+CONFIG = BenchConfig(batch_size=2, seq_len=16, threads=1, warmup=1, runs=10, rounds=3, real_length_samples=2)
+NAMES = ["fp32-torch", "fp32-onnx", "copy-onnx"]
 
 
-def test_bench_compares_variants_and_reports(bert_torch_artifact, bert_onnx_artifact, classification_evalset,
-                                             tmp_path):
+def children() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def bench(bert_torch_artifact, bert_onnx_artifact, classification_evalset) -> dict:
+    """One run of three variants, with every request the parent sent, in order, and the children left after."""
     variants = [Variant("fp32-torch", bert_torch_artifact, "torch", "fp32"),
-                Variant("fp32-onnx", bert_onnx_artifact, "onnx", "fp32")]
-    results = run_bench(variants, classification_evalset, CONFIG, baseline="fp32-torch",
-                        quiet=True)
+                Variant("fp32-onnx", bert_onnx_artifact, "onnx", "fp32"),
+                Variant("copy-onnx", bert_onnx_artifact, "onnx", "fp32", parent="fp32-onnx")]
+    sent: list[tuple[str, dict]] = []
+    send = WorkerProcess.send
 
+    def recording_send(worker: WorkerProcess, request: dict) -> None:
+        sent.append((worker.name, dict(request)))
+        send(worker, request)
+
+    before = children()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WorkerProcess, "send", recording_send)
+        results = run_bench(variants, classification_evalset, CONFIG, baseline="fp32-torch", quiet=True)
+    return {"results": results, "sent": sent, "children_left": children() - before}
+
+
+def test_results_have_the_documented_shape(bench):
+    results = bench["results"]
     assert set(results) == {"baseline", "machine", "versions", "bench", "rows"}
     assert results["baseline"] == "fp32-torch"
-    assert results["bench"]["runs"] == 10
-    baseline, onnx = results["rows"]
-    assert set(baseline) == set(onnx) == ROW_KEYS
-    assert baseline["speedup_p50"] == 1.0
-    assert baseline["metric_delta"] == 0.0
-    assert onnx["speedup_p50"] == pytest.approx(baseline["latency_ms"]["p50"] / onnx["latency_ms"]["p50"])
-    assert onnx["metric_delta"] == pytest.approx(0.0)
-    assert baseline["size_bytes"] == (bert_torch_artifact / "model.safetensors").stat().st_size
-    assert onnx["size_bytes"] == (bert_onnx_artifact / "model.onnx").stat().st_size
-    assert (onnx["format"], onnx["threads"], onnx["seq_len"]) == ("onnx", 1, 16)
+    assert (results["bench"]["runs"], results["bench"]["rounds"]) == (10, 3)
+    assert [row["name"] for row in results["rows"]] == NAMES
+    for row in results["rows"]:
+        assert set(row) == ROW_KEYS
+        assert (row["batch_size"], row["seq_len"]) == (2, 16)
+        for column in ("latency_ms", "latency_padded_ms", "latency_real_ms"):
+            assert set(row[column]) == LATENCY_KEYS
+            assert len(row[column]["rounds"]) == 3
+            assert row[column]["spread"] >= 0
 
-    out = tmp_path / "report"
-    write_results(results, out, notes=["tiny random model", "second note"], command="compress bench demo.yaml")
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    report = (out / "report.md").read_text()
-    assert "| Variant | Format | Precision | accuracy (vs baseline) |" in report
-    assert "| fp32-onnx | onnx | fp32 |" in report
+
+def test_speedups_are_ratios_of_fixed_length_p50s(bench):
+    torch_row, onnx_row, copy_row = bench["results"]["rows"]
+    p50 = {row["name"]: row["latency_ms"]["p50"] for row in bench["results"]["rows"]}
+    assert torch_row["speedup_vs_baseline"] == 1.0
+    assert onnx_row["speedup_vs_baseline"] == pytest.approx(p50["fp32-torch"] / p50["fp32-onnx"])
+    assert copy_row["speedup_vs_baseline"] == pytest.approx(p50["fp32-torch"] / p50["copy-onnx"])
+    assert (torch_row["parent"], torch_row["speedup_vs_parent"]) == (None, None)
+    assert onnx_row["speedup_vs_parent"] is None
+    assert copy_row["parent"] == "fp32-onnx"
+    assert copy_row["speedup_vs_parent"] == pytest.approx(p50["fp32-onnx"] / p50["copy-onnx"])
+
+
+def test_metric_change_is_paired_against_the_baseline(bench):
+    torch_row, onnx_row, _ = bench["results"]["rows"]
+    assert torch_row["metric"]["name"] == "accuracy"
+    assert (torch_row["metric_delta"], torch_row["metric_delta_ci95"]) == (0.0, [0.0, 0.0])
+    # The tiny graph predicts what the torch model predicts on every row: no change, and no doubt about it.
+    assert onnx_row["metric"]["value"] == torch_row["metric"]["value"]
+    assert (onnx_row["metric_delta"], onnx_row["metric_delta_ci95"]) == (0.0, [0.0, 0.0])
+    assert (onnx_row["metric_change_rel"], onnx_row["metric_change_rel_ci95"]) == (None, None)
+
+
+def test_rows_carry_runtime_settings_size_and_memory(bench, bert_torch_artifact, bert_onnx_artifact):
+    torch_row, onnx_row, _ = bench["results"]["rows"]
+    assert torch_row["runtime"]["name"] == "torch" and torch_row["runtime"]["threads"] == 1
+    assert onnx_row["runtime"]["name"] == "onnxruntime"
+    assert (onnx_row["runtime"]["intra_op_threads"], onnx_row["runtime"]["denormal_as_zero"]) == (1, True)
+    torch_files = {path.name for path in deployed_files(bert_torch_artifact, "torch")}
+    onnx_files = {path.name for path in deployed_files(bert_onnx_artifact, "onnx")}
+    assert "model.safetensors" in torch_files and "model.onnx" not in torch_files
+    assert "model.onnx" in onnx_files and "model.safetensors" not in onnx_files and "compress.json" not in onnx_files
+    assert {k: torch_row[k] for k in ("size_bytes", "size_zipped_bytes")} == disk_size(
+        deployed_files(bert_torch_artifact, "torch"))
+    assert 0 < onnx_row["size_zipped_bytes"] < onnx_row["size_bytes"]
+    assert onnx_row["size_bytes"] > (bert_onnx_artifact / "model.onnx").stat().st_size
+    assert all(row["peak_rss_mb"] > 10 for row in bench["results"]["rows"])
+
+
+def test_variants_are_timed_in_interleaved_rounds(bench):
+    sent = bench["sent"]
+    ops = [(name, request["op"]) for name, request in sent]
+    assert ops[:3] == [(name, "load") for name in NAMES]
+    assert ops[-6:] == [(name, "metric") for name in NAMES] + [(name, "exit") for name in NAMES]
+    latency = [(name, request["inputs"], request["runs"]) for name, request in sent if request["op"] == "latency"]
+    expected = [(name, kind, runs) for runs in (4, 3, 3) for kind in ("fixed", "padded", "real") for name in NAMES]
+    assert latency == expected
+    rss_at = [index for index, (_, op) in enumerate(ops) if op == "rss"]
+    assert rss_at == list(range(3 + len(expected), 6 + len(expected)))  # after all timing, before any metric
+
+
+def test_all_workers_end_with_the_bench(bench):
+    assert bench["children_left"] == set()
+
+
+def test_report_shows_the_rows_and_how_they_were_measured(bench, tmp_path):
+    results = bench["results"]
+    write_results(results, tmp_path, notes=["tiny random model", "second note"], command="compress bench demo.yaml")
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    report = (tmp_path / "report.md").read_text()
+    assert "| Variant | From | Runtime | Precision | accuracy (Δ vs baseline, 95 % CI) |" in report
+    assert "| copy-onnx | fp32-onnx | onnxruntime CPU, 1 thread | fp32 |" in report
+    assert "3 interleaved rounds" in report and "batch 2 × 16 real tokens" in report
     assert "- tiny random model\n- second note\n" in report
     assert "compress bench demo.yaml" in report
 
 
-def test_failed_worker_raises_with_its_stderr(classification_evalset, tmp_path):
+def test_a_dead_worker_raises_with_its_stderr_and_takes_the_others_down(bert_onnx_artifact, classification_evalset,
+                                                                         tmp_path):
     not_an_artifact = tmp_path / "empty"
     not_an_artifact.mkdir()
-    variants = [Variant("broken", not_an_artifact, "onnx", "fp32")]
-    with pytest.raises(RuntimeError, match="not a compress artifact"):
-        run_bench(variants, classification_evalset, CONFIG, baseline="broken", quiet=True)
+    variants = [Variant("fine", bert_onnx_artifact, "onnx", "fp32"), Variant("broken", not_an_artifact, "onnx", "fp32")]
+    before = children()
+    with pytest.raises(BenchError, match="not a compress artifact") as failure:
+        run_bench(variants, classification_evalset, CONFIG, baseline="fine", quiet=True)
+    assert "bench worker for 'broken' failed" in str(failure.value)
+    assert children() - before == set()
 
 
-def test_unknown_baseline_is_refused_before_running(bert_onnx_artifact, classification_evalset):
-    with pytest.raises(ValueError, match="baseline"):
-        run_bench([Variant("a", bert_onnx_artifact, "onnx", "fp32")], classification_evalset, CONFIG, baseline="b",
-                  quiet=True)
+def test_a_worker_that_does_not_answer_is_stopped(bert_onnx_artifact, classification_evalset, monkeypatch):
+    monkeypatch.setattr(workers, "WORKER_COMMAND", (sys.executable, "-c", "import time; time.sleep(60)"))
+    impatient = CONFIG.model_copy(update={"timeout_s": 1})
+    variants = [Variant("a", bert_onnx_artifact, "onnx", "fp32"), Variant("b", bert_onnx_artifact, "onnx", "fp32")]
+    before, started = children(), time.monotonic()
+    with pytest.raises(BenchError, match=r"bench worker for 'a' did not answer within 1 s \(bench.timeout_s\); "
+                                         r"stopped it"):
+        run_bench(variants, classification_evalset, impatient, baseline="a", quiet=True)
+    assert time.monotonic() - started < 5
+    assert children() - before == set()
+
+
+@pytest.mark.parametrize(("baseline", "parent", "message"), [
+    ("b", None, "baseline 'b' is not among"),
+    ("a", "a", "parent 'a' is not another"),
+    ("a", "missing", "parent 'missing' is not another"),
+    ("a", "torch", "deploys on torch, not onnx"),
+])
+def test_inconsistent_variants_are_refused_before_running(bert_onnx_artifact, bert_torch_artifact,
+                                                          classification_evalset, baseline, parent, message):
+    variants = [Variant("a", bert_onnx_artifact, "onnx", "fp32", parent=parent),
+                Variant("torch", bert_torch_artifact, "torch", "fp32")]
+    before = children()
+    with pytest.raises(ValueError, match=message):
+        run_bench(variants, classification_evalset, CONFIG, baseline=baseline, quiet=True)
+    assert children() == before

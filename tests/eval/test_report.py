@@ -4,14 +4,26 @@ import json
 
 from compress.eval.report import write_results
 
+TORCH = {"name": "torch", "version": "2.13.0", "threads": 2, "interop_threads": 1}
+ORT = {"name": "onnxruntime", "version": "1.32.0", "execution_provider": "CPUExecutionProvider",
+       "intra_op_threads": 2, "inter_op_threads": 1, "denormal_as_zero": True}
+
+
+def latency(p50: float) -> dict:
+    return {"p50": p50, "p90": p50 * 1.5, "mean": p50, "rounds": [p50 * 0.99, p50, p50 * 1.02], "spread": 0.03}
+
 
 def perplexity_results() -> dict:
-    def row(name: str, fmt: str, value: float, p50: float, real: dict | None) -> dict:
+    def row(name: str, parent: str | None, runtime: dict, value: float, p50: float, rel: float | None) -> dict:
         return {
-            "name": name, "format": fmt, "precision": "int8" if fmt == "onnx" else "fp32",
-            "metric": {"name": "perplexity", "value": value}, "latency_ms": {"p50": p50, "p90": p50 * 1.5, "mean": p50},
-            "latency_real_ms": real, "batch_size": 1, "seq_len": 256, "threads": 2, "size_bytes": 3 * (1 << 20),
-            "peak_rss_mb": 512.4, "speedup_p50": 40.0 / p50, "metric_delta": value - 12.5,
+            "name": name, "format": "onnx" if runtime is ORT else "torch", "precision": "int8" if parent else "fp32",
+            "parent": parent, "runtime": runtime, "metric": {"name": "perplexity", "value": value},
+            "metric_delta": value - 12.5, "metric_delta_ci95": [value - 12.6, value - 12.4],
+            "metric_change_rel": rel, "metric_change_rel_ci95": [rel - 0.004, rel + 0.006],
+            "latency_ms": latency(p50), "latency_padded_ms": latency(p50 * 1.4), "latency_real_ms": None,
+            "batch_size": 1, "seq_len": 256, "speedup_vs_baseline": 40.0 / p50,
+            "speedup_vs_parent": None if parent is None else 20.0 / p50, "size_bytes": 3 * (1 << 20),
+            "size_zipped_bytes": 2.5 * (1 << 20), "peak_rss_mb": 512.4,
         }
 
     return {
@@ -19,13 +31,14 @@ def perplexity_results() -> dict:
         "machine": {"cpu": "Test CPU 9000", "arch": "x86_64", "isa": ["avx2", "avx512_vnni"], "cores": 2,
                     "python": "3.11.7", "os": "Linux"},
         "versions": {"torch": "2.13.0", "onnxruntime": "1.32.0"},
-        "bench": {"enabled": True, "batch_size": 1, "seq_len": 256, "threads": 2, "warmup": 10, "runs": 100,
-                  "real_length_samples": 0},
-        "rows": [row("fp32-torch", "torch", 12.5, 40.0, None), row("int8-onnx", "onnx", 12.75, 10.0, None)],
+        "bench": {"enabled": True, "baseline": None, "batch_size": 1, "seq_len": 256, "threads": 2, "warmup": 10,
+                  "runs": 100, "rounds": 3, "real_length_samples": 0, "timeout_s": 900},
+        "rows": [row("fp32-torch", None, TORCH, 12.5, 40.0, 0.0), row("fp32-onnx", None, ORT, 12.5, 20.0, 0.0),
+                 row("int8-onnx", "fp32-onnx", ORT, 12.75, 10.0, 0.02)],
     }
 
 
-def test_report_lists_machine_rows_notes_and_versions(tmp_path):
+def test_report_lists_machine_method_rows_notes_and_versions(tmp_path):
     results = perplexity_results()
     write_results(results, tmp_path, notes=["int8 needs VNNI to pay off"])
     report = (tmp_path / "report.md").read_text()
@@ -33,10 +46,30 @@ def test_report_lists_machine_rows_notes_and_versions(tmp_path):
     assert "Reproduce with" not in report
     assert "Test CPU 9000 (x86_64), 2 cores, benchmarked with 2 threads" in report
     assert "avx2, avx512_vnni" in report
-    assert "| int8-onnx | onnx | int8 | 12.75 (+2.00%) | 10.00 | 15.00 | 4.00x | - | 3.0 | 512 |" in report
+    assert "3 interleaved rounds" in report and "100 timed runs per variant" in report
+    assert "batch 1 × 256 real tokens" in report
+    assert "ratios of fixed-length p50s taken in this one interleaved run" in report
+    assert ("| fp32-torch | - | torch, 2 threads | fp32 | 12.50 (baseline) | 40.00 ±3.0% | 1.00x | - | 56.00 | - "
+            "| 3.0 | 2.5 | 512 |") in report
+    assert ("| int8-onnx | fp32-onnx | onnxruntime CPU, 2 threads | int8 | 12.75 (+2.00%, +1.60% to +2.60%) "
+            "| 10.00 ±3.0% | 4.00x | 2.00x | 14.00 | - | 3.0 | 2.5 | 512 |") in report
     assert "## Notes\n\n- int8 needs VNNI to pay off\n" in report
     assert "- onnxruntime 1.32.0" in report
     assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_accuracy_shows_percent_with_the_change_in_points(tmp_path):
+    results = perplexity_results()
+    results["rows"] = results["rows"][:2]
+    for row, (value, delta, interval) in zip(results["rows"], [(0.9, 0.0, [0.0, 0.0]),
+                                                              (0.885, -0.015, [-0.025, -0.006])]):
+        row.update(metric={"name": "accuracy", "value": value}, metric_delta=delta, metric_delta_ci95=interval,
+                   metric_change_rel=None, metric_change_rel_ci95=None)
+    write_results(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| accuracy (Δ vs baseline, 95 % CI) |" in report
+    assert "| fp32-torch | - | torch, 2 threads | fp32 | 90.00% (baseline) |" in report
+    assert "| fp32-onnx | - | onnxruntime CPU, 2 threads | fp32 | 88.50% (-1.50 pt, -2.50 to -0.60) |" in report
 
 
 def test_rewrite_replaces_files_and_leaves_no_temporaries(tmp_path):

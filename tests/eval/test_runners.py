@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from compress.eval.runners import OrtRunner, TorchRunner, load_runner
+from compress.eval.runners import OrtRunner, TorchRunner, load_runner, session_options
+from compress.settings import FloatTolerance
+
+SST2_DEV = Path(__file__).resolve().parents[2] / "pipelines" / "data" / "sst2-dev.tsv"
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +69,81 @@ def test_load_runner_follows_the_manifest(bert_torch_artifact, bert_onnx_artifac
     assert (torch_runner.format, onnx_runner.format) == ("torch", "onnx")
     features = classification_evalset.features
     np.testing.assert_allclose(onnx_runner.logits(features), torch_runner.logits(features), atol=1e-4, rtol=0)
+
+
+def test_every_session_flushes_denormals_and_runs_sequentially_with_the_given_threads():
+    import onnxruntime as ort
+
+    options = session_options(threads=3)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+
+
+def test_runners_report_their_runtime_settings(tiny_classifier, bert_onnx_artifact):
+    import onnxruntime as ort
+    import torch
+
+    onnx_runtime = OrtRunner(bert_onnx_artifact / "model.onnx", threads=1).runtime()
+    assert onnx_runtime == {"name": "onnxruntime", "version": ort.__version__,
+                            "execution_provider": "CPUExecutionProvider", "intra_op_threads": 1,
+                            "inter_op_threads": 1, "denormal_as_zero": True}
+    assert OrtRunner(bert_onnx_artifact / "model.onnx", denormal_as_zero=False).runtime()["denormal_as_zero"] is False
+    torch_runtime = TorchRunner(tiny_classifier[0], threads=1).runtime()
+    assert torch_runtime == {"name": "torch", "version": torch.__version__, "threads": 1,
+                             "interop_threads": torch.get_num_interop_threads()}
+
+
+# ORT sets denormals-as-zero on the calling thread for the first session of a process only, so each setting
+# is measured in a process of its own.
+FRESH_PROCESS_LOGITS = """
+import sys
+import numpy as np
+from compress.eval.runners import OrtRunner
+graph, features, out, flush = sys.argv[1:]
+np.save(out, OrtRunner(graph, threads=1, denormal_as_zero=flush == "1").logits(dict(np.load(features))))
+"""
+
+
+def logits_in_fresh_process(graph: Path, features: dict[str, np.ndarray], denormal_as_zero: bool,
+                            scratch: Path) -> np.ndarray:
+    np.savez(scratch / "features.npz", **features)
+    out = scratch / f"logits-{int(denormal_as_zero)}.npy"
+    subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOGITS, str(graph), str(scratch / "features.npz"), str(out),
+                    str(int(denormal_as_zero))], check=True)
+    return np.load(out)
+
+
+def assert_flushing_denormals_stays_within_export_tolerance(graph: Path, features: dict[str, np.ndarray],
+                                                            scratch: Path) -> None:
+    flushed = logits_in_fresh_process(graph, features, True, scratch)
+    kept = logits_in_fresh_process(graph, features, False, scratch)
+    tolerance = FloatTolerance()
+    # |flushed - kept| <= atol + rtol * |kept|, the check an export must pass
+    np.testing.assert_allclose(flushed, kept, atol=tolerance.atol, rtol=tolerance.rtol)
+
+
+def test_flushing_denormals_keeps_tiny_classifier_logits(bert_onnx_artifact, classification_evalset, tmp_path):
+    assert_flushing_denormals_stays_within_export_tolerance(bert_onnx_artifact / "model.onnx",
+                                                            classification_evalset.features, tmp_path)
+
+
+def test_flushing_denormals_keeps_tiny_llama_logits(llama_onnx_dirs, lm_evalset, tmp_path):
+    assert_flushing_denormals_stays_within_export_tolerance(llama_onnx_dirs["text-generation"] / "model.onnx",
+                                                            lm_evalset.features, tmp_path)
+
+
+@pytest.mark.slow
+def test_flushing_denormals_keeps_minilm_logits_on_padded_sentences(tmp_path):
+    from compress import models
+    from compress.export.onnx import export_onnx
+
+    loaded = models.load("minilm-l6", "sequence-classification", ["negative", "positive"])
+    graph = export_onnx(loaded.model, "sequence-classification", tmp_path / "model.onnx", opset=17)
+    with open(SST2_DEV) as rows:
+        sentences = [row["sentence"] for row in csv.DictReader(rows, delimiter="\t")][:16]
+    tokens = loaded.tokenizer(sentences, padding="max_length", max_length=128, truncation=True, return_tensors="np")
+    features = {name: values.astype(np.int64) for name, values in tokens.items()}
+    assert (features["attention_mask"] == 0).any(), "the point is padded rows"
+    assert_flushing_denormals_stays_within_export_tolerance(graph, features, tmp_path)

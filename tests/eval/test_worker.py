@@ -11,6 +11,7 @@ import pytest
 from compress.artifact import Artifact
 from compress.eval.metrics import evaluate
 from compress.eval.runners import TorchRunner
+from compress.kinds import Kind
 
 WORKER = [sys.executable, "-m", "compress.eval.worker"]
 # Runs the worker as `python -m` would, then fails if that pulled in torch.
@@ -81,7 +82,7 @@ def test_onnx_lm_worker_reports_the_torch_perplexity_per_window(tiny_causal_lm, 
                                                                 tmp_path):
     model, tokenizer = tiny_causal_lm
     graph = llama_onnx_dirs["text-generation-with-past"] / "model.onnx"
-    artifact = Artifact("causal-lm", model.config, tokenizer, onnx_path=graph).save(tmp_path / "artifact")
+    artifact = Artifact("causal-lm", model.config, tokenizer, onnx_path=graph, kind=Kind("onnx")).save(tmp_path / "a")
     _, *measurements = converse(WORKER, artifact, lm_evalset, tmp_path, MEASURE)
     metric = check_measurements(measurements, "perplexity")
     expected = evaluate(TorchRunner(model), lm_evalset, progress=False)

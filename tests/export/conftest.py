@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from compress.export.onnx import export_onnx, optimize_onnx
+from compress.export.onnx import export_onnx, fuse_for_onnxruntime
 
 
 def exported_dir(model, tokenizer, task: str, directory: Path) -> Path:
     """What optimum's ORTModel classes load: config, tokenizer and the fused graph."""
-    optimize_onnx(export_onnx(model, task, directory / "model.onnx", opset=17), model.config)
+    fuse_for_onnxruntime(export_onnx(model, task, directory / "model.onnx", opset=17), model.config)
     model.config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

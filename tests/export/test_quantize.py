@@ -29,3 +29,14 @@ def test_keep_fp32_leaves_the_named_matmuls_alone(llama_onnx_dir, tmp_path):
     down = [n.op_type for n in nodes if "down_proj" in n.name]
     assert down == ["MatMul", "MatMul"]
     assert kept["int8_ops"]["MatMulInteger"] == everything["int8_ops"]["MatMulInteger"] - 2
+
+
+def test_keep_fp32_also_holds_a_gemm(classifier_onnx_dir, tmp_path):
+    import onnx
+
+    kept = quantize_dynamic_int8(classifier_onnx_dir / "model.onnx", tmp_path / "model.onnx", per_channel=True,
+                                 reduce_range=False, keep_fp32=["classifier"])
+    weights = {w.name for w in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
+    assert "classifier.weight" in weights or "classifier.weight_Transposed" in weights
+    assert not any(name.startswith("classifier.weight") and name.endswith("_quantized") for name in weights)
+    assert kept["int8_weights"] > 0
