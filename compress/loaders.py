@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from compress.data import lm_token_ids
 from compress.errors import DataError
+from compress.eval.metrics import CAUSAL_LM
 
-CAUSAL_LM = "causal-lm"
 Row = dict[str, Any]  # token lists (or arrays) per model input; training rows also hold `labels`
 
 

@@ -109,7 +109,7 @@ def _run(recipe: Recipe, out: Path, plan: list[PlannedStage], reference: Planned
     if not recipe.bench.enabled:
         return None
     return _bench(recipe, out, plan + ([extra] if extra else []), stages, reference.name, runner, quiet, command,
-                  data, new_head=runner.new_head)
+                  data)
 
 
 class _StageRunner:
@@ -265,15 +265,14 @@ def _why_not_reusable(directory: Path, key: str) -> str | None:
 
 
 def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Stage], reference: str,
-           runner: _StageRunner, quiet: bool, command: str | None, data: TaskData, new_head: bool) -> dict[str, Any]:
+           runner: _StageRunner, quiet: bool, command: str | None, data: TaskData) -> dict[str, Any]:
     from compress.eval.bench import Variant, run_bench
     from compress.eval.report import write_results
 
-    shown = [stage for stage in stages if not (stage.name == BASE and new_head)]
-    names = {stage.name for stage in shown}
-    onnx_reference = next((s.name for s in shown if s.input == reference and s.kind.format == "onnx"), None)
+    names = {stage.name for stage in stages}
+    onnx_reference = next((s.name for s in stages if s.input == reference and s.kind.format == "onnx"), None)
     variants = []
-    for stage in _in_report_order(shown, reference):
+    for stage in _in_report_order(stages, reference):
         parent = parent_on_same_format(plan, stage.name, names)
         if parent is None and stage.kind.format == "onnx" and stage.name != onnx_reference:
             parent = onnx_reference  # an ONNX row made from a compressed torch model vs the uncompressed graph
@@ -283,6 +282,9 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
     results["data"] = {"eval_rows": len(evals), **evals.meta, **data.notes}
     notes = [(f"Baseline: {reference} (the uncompressed model); 'From' is the row each one was made from on the "
               "same runtime.")]
+    if runner.new_head and BASE in names:
+        notes.append("base has a freshly initialised task head: its metric is chance level, and so is every row "
+                     "made from it; compare their latency and their metric deltas.")
     if recipe.model == "smollm2-135m":
         notes.append(GGUF_NOTE)
     if recipe.task == "causal-lm":

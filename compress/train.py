@@ -27,6 +27,7 @@ from compress.errors import RecipeError
 from compress.eval.metrics import evaluate as evaluate_metric
 from compress.eval.runners import TorchRunner
 from compress.evalset import EvalSet
+from compress.rundir import replace_dir
 from compress.settings import TrainSettings
 from compress.sysinfo import machine_info
 
@@ -55,9 +56,9 @@ class Callback:
     Per optimizer step, in order: for each of its `grad_accum` micro-batches `on_batch_start(state, batch)`,
     the forward pass in `loss_fn`, then `extra_loss(state, model)`: a tensor the loop adds to that
     micro-batch's loss (a penalty such as L0; it may use activations the forward pass left in hooks), or None;
-    then backward. Once all micro-batches are done: `on_after_backward` (the summed gradient, unscaled under
-    fp16), `optimizer.step()`, `on_step_end`. `on_epoch_end` follows each epoch's evaluation, `on_train_end`
-    comes once. An objective that needs the model's outputs (distillation) is a `loss_fn`, not a callback.
+    then backward. Once all micro-batches are done: `on_after_backward` (the step's whole gradient, unscaled
+    under fp16), `optimizer.step()`, `on_step_end`. `on_epoch_end` follows each epoch's evaluation, and
+    `on_train_end` comes once. An objective that needs the model's outputs (distillation) is a `loss_fn`.
 
     `state_dict` goes into checkpoints (JSON values, tensors); `load_state_dict` gets its tensors on the CPU.
     """
@@ -108,6 +109,7 @@ def train(
     `settings.epochs` (or `max_steps` optimizer steps) of `grad_accum` micro-batches each.
 
     `loss_fn(model, batch)` is the objective; callbacks add penalties through `Callback.extra_loss`.
+    The loader's order is reshuffled each epoch from `seed + epoch`, so that an epoch can be replayed.
     `evaluate(model)` runs after each epoch on the unwrapped model in eval mode, on its device. With
     `checkpoint_dir`, a checkpoint is written every `settings.checkpoint_every` steps and the newest one
     there is resumed: the result is that of an uninterrupted run. The model stays on the training device.
@@ -119,7 +121,6 @@ def train(
     from accelerate.utils import set_seed
 
     set_seed(seed)
-    # The seedable sampler shuffles epoch e with seed + e: an epoch's order can be replayed on resume.
     data_order = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
     # Autocast and the fp16 scaler are applied here, around the loss only: accelerate's would wrap the model's
     # forward, and evaluation and the returned model would run in reduced precision too.
@@ -247,8 +248,9 @@ class TrainingRun:
         if evaluate is not None:
             self.module.eval()
             self.evals.append({"epoch": self.state.epoch + 1, **evaluate(self.module)})
-            bar.write(f"epoch {self.state.epoch + 1}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in self.evals[-1].items() if k != "epoch"))
+            if not bar.disable:  # tqdm.write prints even for a disabled bar
+                bar.write(f"epoch {self.state.epoch + 1}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in self.evals[-1].items() if k != "epoch"))
         self.call("on_epoch_end", self.module)
         self.state.epoch, self.state.micro_step = self.state.epoch + 1, 0
 
@@ -315,7 +317,7 @@ def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 # Checkpoints: `step-NNNNNNNN/` holding the model (safetensors), the other tensors (safetensors) and
 # everything else (JSON). Written under a hidden name and renamed when complete, so a directory named
-# step-* is always whole; older ones are deleted after the rename.
+# step-* is always whole; older ones (and partial ones a crash left) are deleted after the rename.
 
 def write_checkpoint(directory: Path, step: int, model: Any, snapshot: dict[str, Any]) -> Path:
     from safetensors.torch import save_file, save_model
@@ -327,8 +329,7 @@ def write_checkpoint(directory: Path, step: int, model: Any, snapshot: dict[str,
     tree, tensors = split_tensors(snapshot)
     save_file(tensors, str(partial / STATE_TENSORS))
     (partial / STATE_JSON).write_text(json.dumps(tree))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    replace_dir(partial, final)
     for older in directory.glob("*step-*"):
         if older != final:
             shutil.rmtree(older)
@@ -409,7 +410,7 @@ class DeviceRunner(TorchRunner):
             return self.model(**inputs).logits.float().cpu().numpy()
 
 
-def scores_on(eval_set: EvalSet, progress: bool = False) -> Callable[[Any], dict[str, float]]:
+def scores_on(eval_set: EvalSet, progress: bool = False) -> Evaluate:
     """An `evaluate` for `train`: the model's task metric on `eval_set`, computed on the model's device."""
 
     def scores(model: Any) -> dict[str, float]:

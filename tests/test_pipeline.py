@@ -1,23 +1,36 @@
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from compress.errors import DataError, OutDirError
+from compress import pipeline
+from compress.errors import DataError, OutDirError, RecipeError
 from compress.pipeline import run_pipeline
 from compress.recipe_loader import load_recipe
+from compress.rundir import RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = {"kind": "finetune", "epochs": 1, "batch_size": 16, "lr": 1e-3}
+LENIENT_PTQ = {"kind": "ptq", "verify": {"max_metric_drop": 1.0, "min_agreement": 0.0}}
 
 
 @pytest.fixture
 def recipe_file(tmp_path, tiny_bert_dir, sentiment_files):
-    def write(steps: list[dict], bench: bool = False, **data) -> str:
+    def write(steps: list[dict], bench: bool = False, model: Path = tiny_bert_dir, **data) -> Path:
         recipe = {
-            "model": str(tiny_bert_dir),
+            "model": str(model),
             "task": "sequence-classification",
             "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
                      "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32, **data},
             "steps": steps,
-            "bench": {"enabled": bench, "runs": 10, "warmup": 1, "real_length_samples": 5},
+            "bench": {"enabled": bench, "runs": 12, "warmup": 1, "real_length_samples": 3, "seq_len": 16},
         }
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
@@ -26,27 +39,40 @@ def recipe_file(tmp_path, tiny_bert_dir, sentiment_files):
     return write
 
 
-FINETUNE = {"kind": "finetune", "epochs": 1, "batch_size": 16, "lr": 1e-3}
+def statuses(outcome: dict) -> list[tuple[str, str]]:
+    return [(stage["name"], stage["status"]) for stage in outcome["stages"]]
 
 
 def test_edit_to_the_last_step_reuses_earlier_stages(tmp_path, recipe_file):
     out = tmp_path / "run"
     first = run_pipeline(load_recipe(recipe_file([FINETUNE, {"kind": "export"}])), out, quiet=True)
-    assert [s["status"] for s in first["stages"]] == ["computed", "computed"]
+    assert statuses(first) == [("00-finetune", "computed"), ("01-export", "computed")]
     stamp = (out / "00-finetune" / "model.safetensors").stat().st_mtime_ns
 
-    edited = recipe_file([FINETUNE, {"kind": "export", "optimize": False}])
+    edited = recipe_file([FINETUNE, {"kind": "export", "opset": 18}])
     second = run_pipeline(load_recipe(edited), out, quiet=True)
-    assert [s["status"] for s in second["stages"]] == ["reused", "computed"]
+    assert statuses(second) == [("00-finetune", "reused"), ("01-export", "computed")]
     assert (out / "00-finetune" / "model.safetensors").stat().st_mtime_ns == stamp
     third = run_pipeline(load_recipe(edited), out, quiet=True)
-    assert [s["status"] for s in third["stages"]] == ["reused", "reused"]
+    assert [status for _, status in statuses(third)] == ["reused", "reused"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["machine"]["isa"] is not None
-    assert (out / "recipe.resolved.yaml").is_file()
+    assert manifest["baseline"] == "00-finetune"
+    assert manifest["data"]["validation_split"]["rows"] == 20
+    assert [stage["input"] for stage in manifest["stages"]] == ["base", "00-finetune"]
+    assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["steps"][1]["opset"] == 18
 
 
-def test_a_finished_stage_is_never_left_half_written(tmp_path, recipe_file, monkeypatch):
+def test_a_stage_whose_files_changed_is_recomputed(tmp_path, recipe_file):
+    out, recipe = tmp_path / "run", load_recipe(recipe_file([{"kind": "export"}]))
+    run_pipeline(recipe, out, quiet=True)
+    with open(out / "00-export" / "model.onnx", "ab") as graph:
+        graph.write(b"\0")  # bit rot, or a hand edit
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("base", "reused"), ("00-export", "computed")]
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("base", "reused"), ("00-export", "reused")]
+
+
+def test_a_failed_run_says_so_and_leaves_no_finished_looking_stage(tmp_path, recipe_file, monkeypatch):
     out = tmp_path / "run"
     from compress.passes import finetune
 
@@ -56,11 +82,19 @@ def test_a_finished_stage_is_never_left_half_written(tmp_path, recipe_file, monk
     monkeypatch.setattr(finetune, "run", crash)
     with pytest.raises(RuntimeError):
         run_pipeline(load_recipe(recipe_file([FINETUNE])), out, quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"] == "RuntimeError: power cut"
     assert not (out / "00-finetune").exists()
     monkeypatch.undo()
     resumed = run_pipeline(load_recipe(recipe_file([FINETUNE])), out, quiet=True)
-    assert resumed["stages"][0]["status"] == "computed"
-    assert not list(out.glob(".*.partial"))
+    assert statuses(resumed) == [("00-finetune", "computed")]
+    assert not [path for path in out.iterdir() if path.name.endswith((".partial", ".old"))]
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, recipe_file):
+    out = tmp_path / "run"
+    with RunLock(out), pytest.raises(OutDirError, match=rf"in use by another compress run \(pid {os.getpid()}\)"):
+        run_pipeline(load_recipe(recipe_file([{"kind": "export"}])), out, quiet=True)
 
 
 def test_out_that_is_not_a_run_is_refused_unless_overwrite(tmp_path, recipe_file):
@@ -70,6 +104,8 @@ def test_out_that_is_not_a_run_is_refused_unless_overwrite(tmp_path, recipe_file
     with pytest.raises(OutDirError, match="not empty and not a compress run"):
         run_pipeline(load_recipe(recipe_file([FINETUNE])), out, quiet=True)
     assert (out / "thesis.tex").read_text() == "keep me"
+    run_pipeline(load_recipe(recipe_file([{"kind": "export"}])), out, overwrite=True, quiet=True)
+    assert not (out / "thesis.tex").exists() and (out / "00-export" / "model.onnx").is_file()
 
 
 def test_bad_data_fails_before_anything_is_written(tmp_path, recipe_file):
@@ -80,39 +116,79 @@ def test_bad_data_fails_before_anything_is_written(tmp_path, recipe_file):
     assert not out.exists()
 
 
-def test_full_run_writes_results_with_the_contract_fields(tmp_path, recipe_file):
+def test_lengths_beyond_the_models_positions_fail_before_any_stage(tmp_path, recipe_file):
     out = tmp_path / "run"
-    outcome = run_pipeline(load_recipe(recipe_file([FINETUNE, {"kind": "export"},
-                                                    {"kind": "ptq", "verify": {"max_metric_drop": 1.0,
-                                                                               "min_agreement": 0.0}}],
-                                                   bench=True)), out, quiet=True)
-    results = json.loads((out / "results.json").read_text())
-    assert results["baseline"] == "00-finetune"
-    assert [(r["name"], r["format"], r["precision"]) for r in results["rows"]] == [
-        ("00-finetune", "torch", "fp32"), ("01-export", "onnx", "fp32"), ("02-ptq", "onnx", "int8")]
-    for row in results["rows"]:
-        assert {"name", "format", "precision", "metric", "latency_ms", "batch_size", "seq_len", "threads",
-                "size_bytes", "peak_rss_mb"} <= set(row)
-        assert 0.0 <= row["metric"]["value"] <= 1.0 and row["latency_ms"]["p50"] <= row["latency_ms"]["p90"]
-    assert results["rows"][0]["metric"]["value"] == outcome["results"]["rows"][0]["metric"]["value"]
-    assert "| 02-ptq" in (out / "report.md").read_text()
+    with pytest.raises(RecipeError, match="data.max_length: 200 exceeds the model's 160 positions"):
+        run_pipeline(load_recipe(recipe_file([{"kind": "export"}], max_length=200)), out, quiet=True)
+    assert not list(out.glob("0*"))
 
 
-def test_causal_lm_run_benchmarks_the_base_model_and_both_graphs(tmp_path, tiny_llama_dir, text_file):
-    recipe = tmp_path / "llm.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": str(tiny_llama_dir), "task": "causal-lm",
-        "data": {"eval": {"path": str(text_file)}, "max_length": 32, "max_eval_tokens": 256},
-        "steps": [{"kind": "export"},
-                  {"kind": "ptq", "reduce_range": True, "verify": {"max_metric_drop": 1.0, "min_agreement": 0.0}}],
-        "bench": {"runs": 10, "warmup": 1, "seq_len": 16, "real_length_samples": 0},
-    }))
+def test_branches_make_side_by_side_variants(tmp_path, recipe_file):
+    steps = [{"kind": "export"}, LENIENT_PTQ, {"kind": "ort-fuse", "from": "@00-export"},
+             {**LENIENT_PTQ, "from": "@ort-fuse"}]
     out = tmp_path / "run"
-    run_pipeline(load_recipe(recipe), out, quiet=True)
-    results = json.loads((out / "results.json").read_text())
-    assert results["baseline"] == "base"
-    assert [(r["name"], r["precision"]) for r in results["rows"]] == [
-        ("base", "fp32"), ("00-export", "fp32"), ("01-ptq", "int8")]
-    base, exported, _ = (r["metric"] for r in results["rows"])
-    assert base["name"] == "perplexity" and 1.0 < base["value"] and abs(exported["value"] - base["value"]) < 1e-3
-    assert results["data"]["tokens"] == 256 and results["rows"][0]["seq_len"] == 16
+    outcome = run_pipeline(load_recipe(recipe_file(steps, bench=True)), out, quiet=True)
+    assert [(s["name"], s["input"]) for s in outcome["stages"]] == [
+        ("base", None), ("00-export", "base"), ("01-ptq", "00-export"), ("02-ort-fuse", "00-export"), ("03-ptq", "02-ort-fuse")]
+    kinds = {s["name"]: s["kind"] for s in outcome["stages"]}
+    assert kinds["01-ptq"]["runtime"] == "portable" and kinds["03-ptq"]["runtime"] == "onnxruntime"
+    rows = {row["name"]: row for row in outcome["results"]["rows"]}
+    # The base model is the baseline: uncompressed (its task head is fresh, so every row is at chance level).
+    assert list(rows) == ["base", "00-export", "01-ptq", "02-ort-fuse", "03-ptq"]
+    assert "freshly initialised task head" in (out / "report.md").read_text()
+    assert (rows["01-ptq"]["parent"], rows["03-ptq"]["parent"], rows["02-ort-fuse"]["parent"]) == (
+        "00-export", "02-ort-fuse", "00-export")
+
+
+def test_the_baseline_is_exported_when_the_recipe_exports_something_else(tmp_path, recipe_file):
+    steps = [FINETUNE, {**FINETUNE, "max_steps": 2}, {"kind": "export", "from": "@00-finetune"}]
+    out = tmp_path / "run"
+    outcome = run_pipeline(load_recipe(recipe_file(steps, bench=True, **{})), out, quiet=True)
+    assert [s["name"] for s in outcome["stages"]] == ["00-finetune", "01-finetune", "02-export", "baseline-export"]
+    assert outcome["stages"][-1]["input"] == "01-finetune"
+    results = outcome["results"]
+    assert results["baseline"] == "01-finetune"
+    names = [row["name"] for row in results["rows"]]
+    assert names == ["00-finetune", "01-finetune", "baseline-export", "02-export"]
+    assert {row["name"]: row["parent"] for row in results["rows"]}["02-export"] == "baseline-export"
+
+
+def test_the_key_follows_the_pass_code_and_the_base_models_files(tmp_path, recipe_file, tiny_bert_dir, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    out, recipe = tmp_path / "run", load_recipe(recipe_file([{"kind": "export"}], model=model))
+    run_pipeline(recipe, out, quiet=True)
+
+    real = pipeline.code_fingerprint
+    monkeypatch.setattr(pipeline, "code_fingerprint", lambda name: real(name) + ("edited" if "export" in name else ""))
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("base", "reused"), ("00-export", "computed")]
+    monkeypatch.undo()
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("base", "reused"), ("00-export", "computed")]
+
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("base", "computed"), ("00-export", "computed")]
+    tokenizer = (model / "tokenizer.json").read_text()
+    (model / "tokenizer.json").write_text(tokenizer.replace('"hate":', '"loathe":'))
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("base", "computed"), ("00-export", "computed")]
+
+
+def test_a_run_killed_mid_stage_resumes_cleanly(tmp_path, recipe_file):
+    slow = {**FINETUNE, "epochs": 40, "batch_size": 2}
+    out, recipe = tmp_path / "run", recipe_file([slow, {"kind": "export"}])
+    command = [sys.executable, "-m", "compress.cli", "-q", "run", str(recipe), "--out", str(out)]
+    victim = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / ".00-finetune.partial").exists() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.5)  # well inside the training stage
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (out / "00-finetune").exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"  # it had no chance to say more
+
+    finished = subprocess.run([*command, "--set", "steps.0.epochs=1"], cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["00-finetune", "01-export"]

@@ -166,7 +166,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, make_model
                                                             classification_evalset, every, grad_accum,
                                                             crash_at, steps):
     config = settings(epochs=2, checkpoint_every=every, grad_accum=grad_accum)
-    run = dict(seed=0, quiet=True, evaluate=scores_on(classification_evalset))
+    run = {"seed": 0, "quiet": True, "evaluate": scores_on(classification_evalset)}
     whole, whole_tally = make_model(), Tally()
     expected = train(whole, loader, config, callbacks=[whole_tally], **run)
 

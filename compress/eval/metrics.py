@@ -64,7 +64,8 @@ def agreement(a: EvalResult, b: EvalResult, evalset: EvalSet) -> float:
     return float(equal.mean())
 
 
-def metric_from_rows(name: str, rows: dict[str, np.ndarray], index: np.ndarray | slice = slice(None)):
+def metric_from_rows(name: str, rows: dict[str, np.ndarray],
+                     index: np.ndarray | slice = slice(None)) -> np.ndarray | float:
     """The metric over the rows `index` selects; a 2-D index gives one value per line of it."""
     if name == "accuracy":
         return rows["correct"][index].mean(axis=-1)
@@ -73,7 +74,7 @@ def metric_from_rows(name: str, rows: dict[str, np.ndarray], index: np.ndarray |
 
 def compare_paired(name: str, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
                    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> MetricChange:
-    """How `candidate` changes the metric vs `reference`, per-row results of the same eval rows.
+    """How `candidate` changes the metric vs `reference`, both per-row results (EvalResult.rows) of the same rows.
 
     Paired bootstrap: each resample draws row indices with replacement and scores both variants on the same
     ones, so what the two share (which rows are hard) cancels out of the interval.
@@ -89,8 +90,8 @@ def compare_paired(name: str, reference: dict[str, np.ndarray], candidate: dict[
     return MetricChange(*delta, cand_value / ref_value - 1, _interval(cand_samples / ref_samples - 1))
 
 
-def _resampled(name: str, reference: dict, candidate: dict, count: int, resamples: int,
-               seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _resampled(name: str, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], count: int,
+               resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     per_chunk = max(1, BOOTSTRAP_CHUNK // count)
     ref_samples, cand_samples = [], []

@@ -21,6 +21,18 @@ runpy.run_module("compress.eval.worker", run_name="__main__")
 assert "torch" not in sys.modules, "the ONNX worker imported torch"
 assert "transformers" not in sys.modules, "the ONNX worker imported transformers"
 """]
+# A worker whose model loading prints, from Python and straight to file descriptor 1 as C code would.
+CHATTY_WORKER = [sys.executable, "-c", """
+import os
+from compress.eval import worker
+load_runner = worker.load_runner
+def chatty_load_runner(*args):
+    print("python chatter")
+    os.write(1, b"C chatter\\n")
+    return load_runner(*args)
+worker.load_runner = chatty_load_runner
+worker.main()
+"""]
 MEASURE = [
     {"op": "latency", "inputs": "fixed", "warmup": 1, "runs": 4},
     {"op": "latency", "inputs": "padded", "warmup": 0, "runs": 2},
@@ -89,6 +101,13 @@ def test_onnx_lm_worker_reports_the_torch_perplexity_per_window(tiny_causal_lm, 
     assert metric["value"] == pytest.approx(expected.value, rel=1e-5)
     assert metric["rows"]["tokens"] == expected.rows["tokens"].tolist()
     np.testing.assert_allclose(metric["rows"]["nll"], expected.rows["nll"], rtol=1e-5)
+
+
+def test_chatter_on_stdout_goes_to_stderr_and_leaves_the_replies_intact(bert_onnx_artifact,
+                                                                         classification_evalset, tmp_path):
+    load, rss = converse(CHATTY_WORKER, bert_onnx_artifact, classification_evalset, tmp_path, [{"op": "rss"}])
+    assert load["runtime"]["name"] == "onnxruntime"
+    assert rss["peak_rss_mb"] > 10
 
 
 def test_a_request_before_load_ends_the_worker_with_the_reason():
