@@ -116,14 +116,24 @@ def _run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from compress import models
     from compress.data import load_task_data
+    from compress.plan import baseline, baseline_export, plan_stages
     from compress.recipe_loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
     models.resolve(recipe.model, recipe.trust_remote_code)
-    rows = f"{len(data.train) if data.train is not None else 0} train / {len(data.eval)} eval rows"
+    counts = [(len(table), name) for name, table in (("train", data.train), ("validation", data.validation),
+                                                     ("eval", data.eval)) if table is not None]
+    rows = " / ".join(f"{count} {name}" for count, name in counts) + " rows"
     labels = f", labels: {', '.join(data.label_names)}" if data.label_names else ""
-    print(f"{args.recipe}: ok ({recipe.task}, {rows}{labels}; steps: {' → '.join(s.kind for s in recipe.steps)})")
+    print(f"{args.recipe}: ok ({recipe.task}, {rows}{labels})")
+    stages = plan_stages(recipe.steps)
+    reference = baseline(stages, recipe.bench.baseline)
+    extra = baseline_export(stages, reference)
+    for stage in [*stages, *([extra] if extra else [])]:
+        source = f" <- {stage.input}" if stage.input else ""
+        mark = "  (baseline)" if stage is reference else ""
+        print(f"  {stage.name:<16} {stage.kind.describe()}{source}{mark}")
     return 0
 
 

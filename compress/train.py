@@ -399,22 +399,11 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class DeviceRunner(TorchRunner):
-    """A `TorchRunner` that feeds the model on the device it sits on (TorchRunner builds CPU tensors)."""
-
-    def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        device = next(self.model.parameters()).device
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in features.items()
-                  if k in self.accepted}
-        with torch.inference_mode():
-            return self.model(**inputs).logits.float().cpu().numpy()
-
-
 def scores_on(eval_set: EvalSet, progress: bool = False) -> Evaluate:
     """An `evaluate` for `train`: the model's task metric on `eval_set`, computed on the model's device."""
 
     def scores(model: Any) -> dict[str, float]:
-        result = evaluate_metric(DeviceRunner(model), eval_set, progress=progress)
+        result = evaluate_metric(TorchRunner(model), eval_set, progress=progress)
         return {result.name: result.value}
 
     return scores

@@ -1,7 +1,6 @@
 import copy
 import dataclasses
 import json
-
 from pathlib import Path
 
 import numpy as np

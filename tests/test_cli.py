@@ -45,8 +45,9 @@ def test_version(capsys):
 
 def test_validate_ok_and_misspelt_key(recipe, capsys):
     assert main(["validate", recipe()]) == 0
-    assert "ok (sequence-classification, 200 train / 40 eval rows, labels: negative, positive" in \
-        capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "ok (sequence-classification, 180 train / 20 validation / 40 eval rows, labels: negative, positive" in shown
+    assert "  00-finetune      torch fp32 <- base  (baseline)\n  01-export        ONNX fp32 <- 00-finetune\n" in shown
     assert main(["validate", recipe(), "--set", "steps.0.epochz=2"]) == 2
     assert "steps[0].epochz: unknown field; did you mean 'epochs'?" in one_error_line(capsys)
 
@@ -67,7 +68,8 @@ def test_quickstart_validates_against_the_full_shared_dev_set(shared_data, capsy
     [
         ({"model": "/no/such/model"}, "model: /no/such/model does not exist"),
         ({"model": "someone/not-cached-anywhere"}, "looks like a hub id, but the hub cannot be reached"),
-        ({"steps": [{"kind": "export"}, {"kind": "finetune"}]}, "steps[1] (finetune) works on the torch model"),
+        ({"steps": [{"kind": "export"}, {"kind": "finetune"}]},
+         "steps[1] (finetune) would receive ONNX fp32 from 00-export: finetune works on a torch model"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, recipe, capsys, monkeypatch, changes, expected):
@@ -107,7 +109,7 @@ def test_run_inspect_and_bench(tmp_path, recipe, capsys, sentiment_files):
     assert main(["-q", "run", recipe(bench={"enabled": False}), "--out", str(out)]) == 0
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
-    assert "01-export  [sequence-classification, deploys onnx fp32]" in shown
+    assert "01-export  [sequence-classification, ONNX fp32]" in shown
     assert "model.onnx" in shown and "max_abs_diff=" in shown
     bench_out = tmp_path / "bench"
     assert main(["-q", "bench", str(out / "01-export"), "--data", str(sentiment_files["dev"]), "--text", "sentence",
@@ -125,18 +127,18 @@ def test_run_inspect_and_bench(tmp_path, recipe, capsys, sentiment_files):
 def test_altered_graph_fails_export_with_exit_3_and_leaves_nothing(tmp_path, tiny_bert_dir, capsys, monkeypatch):
     import compress.passes.export as export_pass
 
-    real_optimize = export_pass.optimize_onnx
+    real_export = export_pass.export_onnx
 
-    def optimize_then_damage(path, config):
-        fused = real_optimize(path, config)
-        graph = onnx.load(path)
+    def export_then_damage(model, task, path, opset):
+        exported = real_export(model, task, path, opset)
+        graph = onnx.load(exported)
         weight = next(t for t in graph.graph.initializer if len(t.dims) == 2 and t.dims[0] == 32)
         values = onnx.numpy_helper.to_array(weight) * np.float32(1.5)
         weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
-        onnx.save(graph, path)
-        return fused
+        onnx.save(graph, exported)
+        return exported
 
-    monkeypatch.setattr(export_pass, "optimize_onnx", optimize_then_damage)
+    monkeypatch.setattr(export_pass, "export_onnx", export_then_damage)
     out = tmp_path / "exported"
     assert main(["-q", "export", str(tiny_bert_dir), "--task", "sequence-classification", "--out", str(out)]) == 3
     assert "values differ beyond tolerance" in one_error_line(capsys)
@@ -151,8 +153,36 @@ def test_export_real_minilm_loads_with_optimum(tmp_path, capsys):
     out = tmp_path / "minilm-onnx"
     assert main(["-q", "export", "minilm-l6", "--task", "sequence-classification", "--out", str(out)]) == 0
     manifest = json.loads((out / "compress.json").read_text())
-    assert manifest["deploys"] == "onnx" and manifest["history"][0]["effect"]["max_abs_diff"] < 1e-4
+    assert manifest["kind"]["format"] == "onnx" and manifest["history"][0]["effect"]["max_abs_diff"] < 1e-4
     model = ORTModelForSequenceClassification.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     logits = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
     assert tuple(logits.shape) == (1, 2)
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    (["bench", "{art}", "--data", "{dev}", "--runs", "5"], "--runs: Input should be greater than or equal to 10 (got 5)"),
+    (["bench", "{art}", "--data", "{dev}", "--max-length", "0"], "--max-length: Input should be greater than 0 (got 0)"),
+    (["bench", "{art}", "--data", "{dev}", "--rounds", "1"], "--rounds: Input should be greater than or equal to 3"),
+    (["export", "{model}", "--task", "sequence-classification", "--opset", "13", "--out", "{out}"],
+     "--opset: Input should be greater than or equal to 14 (got 13)"),
+])
+def test_bad_flag_values_exit_2_naming_the_flag(tmp_path, tiny_bert_dir, sentiment_files, capsys, command, expected):
+    from compress import models
+
+    artifact = models.load(str(tiny_bert_dir), "sequence-classification", ["negative", "positive"]).artifact()
+    art = artifact.save(tmp_path / "artifact")
+    values = {"art": str(art), "dev": str(sentiment_files["dev"]), "model": str(tiny_bert_dir),
+              "out": str(tmp_path / "out")}
+    assert main([part.format(**values) for part in command]) == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_with_fuse_writes_an_onnxruntime_graph(tmp_path, tiny_bert_dir, capsys):
+    out = tmp_path / "fused"
+    assert main(["-q", "export", str(tiny_bert_dir), "--task", "sequence-classification", "--fuse",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "compress.json").read_text())
+    assert manifest["kind"]["runtime"] == "onnxruntime"
+    assert [entry["kind"] for entry in manifest["history"]] == ["export", "ort-fuse"]

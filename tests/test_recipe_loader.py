@@ -78,17 +78,17 @@ def test_wrong_types_and_ranges_name_the_field(tmp_path, override, expected):
     [
         ("[{kind: export}, {kind: finetune}]",
          "steps[1] (finetune) would receive ONNX fp32 from 00-export: finetune works on a torch model"),
-        ("[{kind: ptq}]", "steps[0] (ptq) would receive torch fp32 from base: ptq quantizes an ONNX graph; "
-                          "add an 'export' step before it"),
-        ("[{kind: export}, {kind: export}]", "steps[1] (export) would receive ONNX fp32 from 00-export: it is "
-                                             "already an ONNX graph"),
+        ("[{kind: ptq}]", ("steps[0] (ptq) would receive torch fp32 from base: ptq quantizes an ONNX graph; "
+                          "add an 'export' step before it")),
+        ("[{kind: export}, {kind: export}]", ("steps[1] (export) would receive ONNX fp32 from 00-export: it is "
+                                             "already an ONNX graph")),
         ("[{kind: export}, {kind: ptq}, {kind: ptq}]",
          "steps[2] (ptq) would receive ONNX int8 (integer ops) from 01-ptq: the graph is already quantized"),
         ("[{kind: export}, {kind: ptq}, {kind: ort-fuse}]",
          "steps[2] (ort-fuse) would receive ONNX int8 (integer ops) from 01-ptq: fuse the float graph"),
         ("[{kind: export}, {kind: ort-fuse}, {kind: ort-fuse, from: '@00-export'}, {kind: ort-fuse}]",
-         "steps[3] (ort-fuse) would receive ONNX fp32 for ONNX Runtime only from 02-ort-fuse: the graph is "
-         "already rewritten into ONNX Runtime ops"),
+         ("steps[3] (ort-fuse) would receive ONNX fp32 for ONNX Runtime only from 02-ort-fuse: the graph is "
+         "already rewritten into ONNX Runtime ops")),
         ("[{kind: export, from: '@01-ptq'}]", "steps[0] (export).from: '@01-ptq' names no earlier stage (earlier: base)"),
         ("[{kind: export, from: 'base'}]", "steps[0].from: String should match pattern"),
         ("[{epochs: 1}]", "steps[0]: every step needs a 'kind'"),

@@ -50,10 +50,12 @@ class TorchRunner:
     def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
         import torch
 
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in features.items() if k in self.accepted}
+        device = next(self.model.parameters()).device  # evaluation runs where the model is, CPU or GPU
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in features.items()
+                  if k in self.accepted}
         with torch.inference_mode():
             output = self.model(**inputs)
-        return output.logits.float().numpy()
+        return output.logits.float().cpu().numpy()
 
     def runtime(self) -> dict[str, Any]:
         import torch

@@ -22,7 +22,8 @@ def run(artifact: Artifact, step: OrtFuseStep, ctx: Context) -> Artifact:
     reference = reference_logits(OrtRunner(artifact.onnx_path, threads=VERIFY_THREADS), evalset)
     graph = ctx.stage_dir / GRAPH
     for path in graph_files(artifact.onnx_path):
-        shutil.copyfile(path, ctx.stage_dir / path.name)
+        if path.resolve() != (ctx.stage_dir / path.name).resolve():  # `compress export --fuse` fuses in place
+            shutil.copyfile(path, ctx.stage_dir / path.name)
     fusions = fuse_for_onnxruntime(graph, artifact.config)
     if not fusions:
         raise NothingToDo("ort-fuse: ONNX Runtime found no attention, layer-norm or GELU pattern to fuse in this "
