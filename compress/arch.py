@@ -32,14 +32,21 @@ class TaskSpec:
     optimum_task: str  # optimum exporter task
     metric: str
     higher_is_better: bool
+    # Classification reads rows with labels; a causal LM reads its text as one token stream, cut into blocks
+    # (training) or windows (perplexity), scored per token.
+    text_stream: bool
 
 
 TASKS: dict[str, TaskSpec] = {
-    "sequence-classification": TaskSpec(
-        "AutoModelForSequenceClassification", "ORTModelForSequenceClassification", "text-classification", "accuracy", True
-    ),
-    "causal-lm": TaskSpec("AutoModelForCausalLM", "ORTModelForCausalLM", "text-generation", "perplexity", False),
+    "sequence-classification": TaskSpec("AutoModelForSequenceClassification", "ORTModelForSequenceClassification",
+                                        "text-classification", "accuracy", True, text_stream=False),
+    "causal-lm": TaskSpec("AutoModelForCausalLM", "ORTModelForCausalLM", "text-generation", "perplexity", False,
+                          text_stream=True),
 }
+
+
+def is_text_stream(task: str) -> bool:
+    return TASKS[task].text_stream
 
 
 def auto_class(task: str) -> Any:

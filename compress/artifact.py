@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compress.arch import is_text_stream
 from compress.errors import ArtifactError
 from compress.kinds import TORCH_FP32, Kind
 from compress.sysinfo import library_versions
@@ -49,7 +50,7 @@ class Artifact:
     @property
     def label_names(self) -> list[str] | None:
         id2label = getattr(self.config, "id2label", None)
-        return [id2label[i] for i in sorted(id2label)] if self.task == "sequence-classification" else None
+        return None if is_text_stream(self.task) else [id2label[i] for i in sorted(id2label)]
 
     def evolve(self, record: dict[str, Any], **changes: Any) -> Artifact:
         """A new artifact with `changes` applied and `record` (what a pass did) added to the history."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import __version__
+from compress.arch import TASKS
 from compress.errors import ArtifactError, CompressError, UsageError
 
 log = logging.getLogger("compress")
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a model or artifact to a verified ONNX artifact")
     export.add_argument("model", help="artifact directory, model directory, embedded alias or hub id")
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--task", choices=["sequence-classification", "causal-lm"],
+    export.add_argument("--task", choices=list(TASKS),
                         help="needed unless MODEL is a compress artifact")
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--fuse", action="store_true",

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from compress.arch import is_text_stream
 from compress.errors import DataError, OfflineError
 from compress.evalset import EvalSet
 from compress.recipe import DataConfig, DataSource
@@ -45,7 +46,7 @@ SOURCES = ("train", "eval", "validation", "calib")
 
 
 def load_task_data(cfg: DataConfig, task: str, seed: int = 0) -> TaskData:
-    classify = task == "sequence-classification"
+    classify = not is_text_stream(task)
     # Calibration needs inputs only: its rows may be unlabelled.
     tables = {name: read_table(getattr(cfg, name), f"data.{name}", classify and name != "calib") for name in SOURCES
               if getattr(cfg, name) is not None}
@@ -69,7 +70,7 @@ def load_task_data(cfg: DataConfig, task: str, seed: int = 0) -> TaskData:
 
 def carve(table: Any, task: str, fraction: float, cap: int | None, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     """(rest, carved, note): a seeded share of a table's rows; for causal LM text, the last lines of the text."""
-    if task == "causal-lm":
+    if is_text_stream(task):
         return _carve_text_tail(table, fraction, cap)
     rows = max(1, round(len(table) * fraction))
     rows = min(rows, cap) if cap else rows
@@ -192,7 +193,7 @@ def _fingerprint(cfg: DataConfig, task: str, seed: int) -> str:
 def build_eval_set(data: TaskData, tokenizer: Any, cfg: DataConfig, split: str = "eval") -> EvalSet:
     """Tokenized arrays of the eval split (the reported metric) or of the validation split (for tuning)."""
     table = data.table(split)
-    if data.task == "sequence-classification":
+    if not is_text_stream(data.task):
         return _classification_eval_set(table, data.task, tokenizer, cfg.max_length)
     return _lm_eval_set(table, data.task, tokenizer, cfg.max_length, cfg.stride or cfg.max_length,
                         cfg.max_eval_tokens, f"data.{split}")

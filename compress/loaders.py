@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from compress.arch import is_text_stream
 from compress.data import lm_token_ids
 from compress.errors import DataError
-from compress.eval.metrics import CAUSAL_LM
 
 Row = dict[str, Any]  # token lists (or arrays) per model input; training rows also hold `labels`
 
@@ -23,12 +23,12 @@ Row = dict[str, Any]  # token lists (or arrays) per model input; training rows a
 def train_loader(table: Any, tokenizer: Any, task: str, max_length: int, batch_size: int,
                  seed: int) -> DataLoader:
     """Shuffled (seeded) torch batches with `labels`: class ids, or the input ids for causal LM."""
-    if task == CAUSAL_LM:
+    if is_text_stream(task):
         rows = block_rows(lm_blocks(table, tokenizer, max_length))
     else:
         encoded = encode_rows(table, tokenizer, max_length)
         rows = [{**row, "labels": label} for row, label in zip(encoded, table["label"], strict=True)]
-    collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, causal=task == CAUSAL_LM)
+    collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, causal=is_text_stream(task))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
 
@@ -37,7 +37,7 @@ def calibration_batches(table: Any, tokenizer: Any, task: str, max_length: int, 
                         seed: int) -> list[dict[str, np.ndarray]]:
     """`samples` seeded rows (causal LM: blocks), all when fewer, as right-padded int64 numpy batches."""
     rng = np.random.default_rng(seed)
-    if task == CAUSAL_LM:
+    if is_text_stream(task):
         blocks = lm_blocks(table, tokenizer, max_length)
         rows = block_rows(blocks[drawn(rng, len(blocks), samples)])
     else:

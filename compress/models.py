@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from compress.arch import auto_class
+from compress.arch import auto_class, is_text_stream
 from compress.artifact import Artifact
 from compress.errors import MissingPackageError, ModelLoadError, OfflineError
 
@@ -76,7 +76,7 @@ def load(spec: str, task: str, label_names: list[str] | None = None, trust_remot
 
     source = resolve(spec, trust_remote_code)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if task == "sequence-classification" and label_names:
+    if not is_text_stream(task) and label_names:
         kwargs |= {
             "num_labels": len(label_names),
             "id2label": dict(enumerate(label_names)),

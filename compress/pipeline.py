@@ -16,6 +16,7 @@ import yaml
 
 import compress
 from compress import models
+from compress.arch import is_text_stream
 from compress.artifact import Artifact, read_manifest, tokenizer_fingerprint
 from compress.context import Context
 from compress.data import TaskData, build_eval_set, load_task_data
@@ -287,7 +288,7 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
                      "made from it; compare their latency and their metric deltas.")
     if recipe.model == "smollm2-135m":
         notes.append(GGUF_NOTE)
-    if recipe.task == "causal-lm":
+    if is_text_stream(recipe.task):
         notes.append(f"Perplexity over {evals.meta['tokens']} tokens, context {evals.meta['context']}, "
                      f"stride {evals.meta['stride']}; latency is one forward pass of {recipe.bench.seq_len} tokens.")
     if "eval_split" in data.notes:

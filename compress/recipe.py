@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from compress.arch import is_text_stream
 from compress.kinds import Kind
 from compress.plan import StepRejects, baseline, plan_stages
 from compress.settings import BenchConfig, FloatTolerance, QuantTolerance, Strict, TrainSettings
@@ -214,7 +215,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> Recipe:
-        if self.task == "sequence-classification":
+        if not is_text_stream(self.task):
             for name in ("train", "eval"):
                 source = getattr(self.data, name)
                 if source is not None and source.text_pair == source.text:

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from compress.arch import is_text_stream
 from compress.evalset import EvalSet
 
 if TYPE_CHECKING:
     from compress.eval.runners import Runner
 
-CAUSAL_LM = "causal-lm"
 # A causal LM batch holds [B, L, vocab] float32 logits (4 x 1024 x 49k is ~0.8 GB), so its batch is capped.
 LM_MAX_BATCH = 4
 BOOTSTRAP_RESAMPLES = 1000
@@ -49,7 +49,7 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy or perplexity of `runner` on the first `limit` rows; causal LM batches hold at most 4 windows."""
     evalset = evalset.take(limit)
-    if evalset.task == CAUSAL_LM:
+    if is_text_stream(evalset.task):
         return _perplexity(runner, evalset, min(batch_size, LM_MAX_BATCH), progress)
     return _accuracy(runner, evalset, batch_size, progress)
 
@@ -59,7 +59,7 @@ def agreement(a: EvalResult, b: EvalResult, evalset: EvalSet) -> float:
     if a.predictions.shape != b.predictions.shape:
         raise ValueError(f"predictions differ in shape: {a.predictions.shape} vs {b.predictions.shape}")
     equal = a.predictions == b.predictions
-    if evalset.task == CAUSAL_LM:
+    if is_text_stream(evalset.task):
         equal = equal[evalset.target_mask[: len(equal)]]
     return float(equal.mean())
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from compress.eval.metrics import BOOTSTRAP_RESAMPLES
+from compress.rundir import atomic_write_json, atomic_write_text
 
 RESULTS = "results.json"
 REPORT = "report.md"
@@ -18,8 +16,8 @@ MIB = 1 << 20  # peak RSS is reported in MiB too, so sizes and memory compare di
 def write_results(results: dict, out_dir: Path, notes: Iterable[str] = (), command: str | None = None) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / RESULTS, json.dumps(results, indent=2, default=str) + "\n")
-    _write_atomic(out_dir / REPORT, render_report(results, list(notes), command))
+    atomic_write_json(out_dir / RESULTS, results)
+    atomic_write_text(out_dir / REPORT, render_report(results, list(notes), command))
 
 
 def render_report(results: dict, notes: list[str], command: str | None) -> str:
@@ -112,14 +110,3 @@ def _metric_cell(row: dict) -> str:
         low, high = row["metric_change_rel_ci95"]
         change = f"{row['metric_change_rel']:+.2%}, {low:+.2%} to {high:+.2%}"
     return f"{_metric_value(row['metric'])} ({change})"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as temp:
-            temp.write(text)
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from compress.arch import is_text_stream
 from compress.errors import ExportMismatch
 from compress.eval.metrics import EvalResult, agreement
 from compress.evalset import EvalSet
@@ -90,6 +91,6 @@ def verify_quantized(reference: EvalResult, candidate: EvalResult, evalset: Eval
     if agreed < tol.min_agreement:
         failures.append(f"prediction agreement {agreed:.4f} < min_agreement {tol.min_agreement:g}")
     if failures:
-        scored = "tokens" if evalset.task == "causal-lm" else "rows"
+        scored = "tokens" if is_text_stream(evalset.task) else "rows"
         raise ExportMismatch(f"quantized graph fails verification on {candidate.count} {scored}: " + "; ".join(failures))
     return measured
