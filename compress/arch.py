@@ -12,16 +12,26 @@ from compress.errors import ModelLoadError
 class Family:
     ort_model_type: str  # onnxruntime.transformers.optimizer's name for the fusion patterns
     embeddings: str  # the embedding module, as an attribute path from `model.base_model`
+    layers: str  # the ModuleList of transformer blocks, as an attribute path from `model.base_model`
+    # Inside one block: the attention's query, key and value projections (None where they are fused in one).
+    qkv: tuple[str, str, str] | None
     heads_attr: str = "num_attention_heads"
     hidden_attr: str = "hidden_size"
+    layers_attr: str = "num_hidden_layers"
+    intermediate_attr: str = "intermediate_size"
 
 
+BERT_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
 FAMILIES: dict[str, Family] = {
-    "bert": Family("bert", "embeddings"),
-    "roberta": Family("bert", "embeddings"),
-    "distilbert": Family("bert", "embeddings", heads_attr="n_heads", hidden_attr="dim"),
-    "gpt2": Family("gpt2", "wte", heads_attr="n_head", hidden_attr="n_embd"),
-    "llama": Family("gpt2", "embed_tokens"),  # no Llama fuser in ORT; the GPT-2 one still fuses what it can
+    "bert": Family("bert", "embeddings", "encoder.layer", BERT_QKV),
+    "roberta": Family("bert", "embeddings", "encoder.layer", BERT_QKV),
+    "distilbert": Family("bert", "embeddings", "transformer.layer",
+                         ("attention.q_lin", "attention.k_lin", "attention.v_lin"), heads_attr="n_heads",
+                         hidden_attr="dim", layers_attr="n_layers", intermediate_attr="hidden_dim"),
+    "gpt2": Family("gpt2", "wte", "h", None, heads_attr="n_head", hidden_attr="n_embd", layers_attr="n_layer",
+                   intermediate_attr="n_inner"),
+    # No Llama fuser in ORT; the GPT-2 one still fuses what it can.
+    "llama": Family("gpt2", "embed_tokens", "layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
 }
 
 

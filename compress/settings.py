@@ -6,9 +6,11 @@ never on the step registry.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from compress.sysinfo import machine_info
 
 
 class Strict(BaseModel):
@@ -32,6 +34,10 @@ class TrainSettings(Strict):
     # fp16 needs a GPU (a gradient scaler guards it).
     precision: Precision = "fp32"
     checkpoint_every: PositiveInt | None = None  # optimizer steps between resumable checkpoints
+
+    def key_facts(self) -> dict[str, Any]:
+        """`auto` precision is decided by the machine: its instruction sets (and GPU) enter the stage key."""
+        return {"precision_decided_by": machine_info()["isa"]} if self.precision == "auto" else {}
 
 
 class FloatTolerance(Strict):

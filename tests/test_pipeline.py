@@ -193,3 +193,18 @@ def test_a_run_killed_mid_stage_resumes_cleanly(tmp_path, recipe_file):
     assert finished.returncode == 0, finished.stderr
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["00-finetune", "01-export"]
+
+
+def test_a_referenced_models_content_is_in_the_key(tmp_path, recipe_file, tiny_bert_dir, monkeypatch):
+    from compress.recipe import ExportStep
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_bert_dir, teacher)
+    # No shipped step names a model yet (distillation will): give export one, as such a step would.
+    monkeypatch.setattr(ExportStep, "model_refs", lambda self: {"teacher": str(teacher)})
+    out, recipe = tmp_path / "run", load_recipe(recipe_file([{**FINETUNE, "max_steps": 2}, {"kind": "export"}]))
+    run_pipeline(recipe, out, quiet=True)
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("00-finetune", "reused"), ("01-export", "reused")]
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "attention_probs_dropout_prob": 0.2}))
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("00-finetune", "reused"), ("01-export", "computed")]

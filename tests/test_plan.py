@@ -119,3 +119,18 @@ def test_ptq_reduce_range_auto_follows_the_cpu_and_enters_the_key(monkeypatch):
     assert ptq.resolved_reduce_range() is False and "isa" in ptq.key_facts()
     (fixed,) = steps({"kind": "export"}, {"kind": "ptq", "reduce_range": True})[1:]
     assert fixed.key_facts() == {}
+
+
+def test_stage_names_allow_digits_and_hyphens_in_kinds():
+    from compress.plan import STAGE_NAME, stage_name
+
+    for kind in ("ort-fuse", "int4-gptq", "ptq"):
+        assert STAGE_NAME.match(stage_name(3, kind))
+    assert STAGE_NAME.match("base") and STAGE_NAME.match("baseline-export")
+    assert not STAGE_NAME.match("notes") and not STAGE_NAME.match(".03-ptq.partial")
+
+
+def test_auto_precision_puts_the_machine_in_the_key():
+    (auto,) = steps({"kind": "finetune", "precision": "auto"})
+    (fixed,) = steps({"kind": "finetune", "precision": "bf16"})
+    assert "precision_decided_by" in auto.key_facts() and fixed.key_facts() == {}

@@ -55,7 +55,7 @@ def _method(bench: dict, baseline: str) -> str:
         "± the spread of the rounds' p50s ((max - min) / p50); ×baseline and ×parent are ratios of fixed-length "
         f"p50s taken in this one interleaved run. Metric change vs the baseline `{baseline}` with a "
         f"paired-bootstrap 95 % interval over the eval rows ({BOOTSTRAP_RESAMPLES} resamples). Size: the files "
-        "each variant deploys; zipped: each of them deflated."
+        "each variant deploys; zipped: each of them deflated (zlib level 1)."
     )
 
 

@@ -24,7 +24,7 @@ def deployed_files(artifact_dir: Path, deploys: str) -> list[Path]:
 
 
 def disk_size(files: list[Path]) -> dict[str, int]:
-    """{"size_bytes", "size_zipped_bytes"}: on disk, and each file deflated (zlib level 6) as a zip would."""
+    """{"size_bytes", "size_zipped_bytes"}: on disk, and each file deflated at zlib level 1."""
     return {
         "size_bytes": sum(path.stat().st_size for path in files),
         "size_zipped_bytes": sum(_deflated_bytes(path) for path in files),
@@ -32,7 +32,9 @@ def disk_size(files: list[Path]) -> dict[str, int]:
 
 
 def _deflated_bytes(path: Path) -> int:
-    deflate = zlib.compressobj(6)
+    # Level 1, not zip's default 6: measured on SmolLM2's weights, 4x faster for 5 % more bytes (0.71 vs 0.67
+    # of the size), which kept a 500 MB variant from adding half a minute to every benchmark.
+    deflate = zlib.compressobj(1)
     total = 0
     with open(path, "rb") as handle:
         while block := handle.read(CHUNK):
