@@ -144,7 +144,7 @@ class _StageRunner:
         step = planned.step
         module_name = step_pass_module(step)
         settings = step.model_dump(mode="json", by_alias=True, exclude={"from_"})
-        refs = {field: self._ref_key(ref, planned.input) for field, ref in step.model_refs().items()}
+        refs = {field: self._ref_key(ref, planned) for field, ref in step.model_refs().items()}
         key = _hash(self.keys[planned.input], settings, step.key_facts(), refs, self.data.fingerprint,
                     library_versions(), compress.__version__, code_fingerprint(module_name))
         self.keys[planned.name] = key
@@ -165,7 +165,7 @@ class _StageRunner:
         partial = self.out / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        artifact = compute(self._context(name, key, partial, planned.input))
+        artifact = compute(self._context(name, key, partial, planned))
         _check_kind(planned, artifact.kind)
         seconds = round(time.perf_counter() - started, 2)
         if planned.step is not None:
@@ -179,14 +179,14 @@ class _StageRunner:
         log.info("%s: computed in %.1f s", name, seconds)
         return Stage(name, planned.input, key, final, "computed", seconds, artifact.kind)
 
-    def _context(self, name: str, key: str, partial: Path, input_name: str | None) -> Context:
+    def _context(self, name: str, key: str, partial: Path, planned: PlannedStage) -> Context:
         checkpoint_dir = self.out / f".{name}.checkpoint-{key[:16]}"
         for stale in self.out.glob(f".{name}.checkpoint-*"):
             if stale != checkpoint_dir:  # made for other inputs or settings
                 shutil.rmtree(stale, ignore_errors=True)
         return Context(stage_dir=partial, task=self.recipe.task, seed=self.recipe.seed,
                        max_length=self.recipe.data.max_length, data=self.data, make_eval_set=self.eval_set,
-                       resolve_model=lambda ref: self._resolve(ref, input_name), checkpoint_dir=checkpoint_dir,
+                       resolve_model=lambda ref: self._resolve(ref, planned), checkpoint_dir=checkpoint_dir,
                        device=_device(), quiet=self.quiet)
 
     def eval_set(self, tokenizer: Any, split: str = "eval") -> EvalSet:
@@ -199,27 +199,18 @@ class _StageRunner:
     def _artifact(self, name: str) -> Artifact:
         return self.in_memory.get(name) or Artifact.load(self.out / name)
 
-    def _resolve(self, ref: str, input_name: str | None) -> Artifact:
-        if ref == "@input":
-            return self._artifact(input_name)
-        if ref.startswith("@"):
-            return self._artifact(self._stage_named(ref))
+    def _resolve(self, ref: str, planned: PlannedStage) -> Artifact:
+        if ref in planned.stage_refs:
+            return self._artifact(planned.stage_refs[ref])
         if ref not in self.specs:
             self.specs[ref] = models.load(ref, self.recipe.task, self.data.label_names,
                                           self.recipe.trust_remote_code, self.recipe.seed).artifact()
         return self.specs[ref]
 
-    def _ref_key(self, ref: str, input_name: str | None) -> str:
-        if ref == "@input":
-            return self.keys[input_name]
-        if ref.startswith("@"):
-            return self.keys[self._stage_named(ref)]
-        return self._resolve(ref, input_name).fingerprint
-
-    def _stage_named(self, ref: str) -> str:
-        """A reference checked by the plan: the last computed stage with that name or step kind."""
-        wanted = ref.removeprefix("@")
-        return next(name for name in reversed(self.keys) if name == wanted or name.split("-", 1)[-1] == wanted)
+    def _ref_key(self, ref: str, planned: PlannedStage) -> str:
+        if ref in planned.stage_refs:
+            return self.keys[planned.stage_refs[ref]]
+        return self._resolve(ref, planned).fingerprint
 
 
 def check_out(out: Path, overwrite: bool) -> None:

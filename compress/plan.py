@@ -8,7 +8,7 @@ cannot take it. Walking the steps here rejects an impossible recipe with the ste
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from compress.kinds import TORCH_FP32, Kind
@@ -28,6 +28,7 @@ class PlannedStage:
     step: Any  # a recipe Step; None for the base model
     input: str | None  # the stage this one is computed from
     kind: Kind
+    stage_refs: dict[str, str] = field(default_factory=dict)  # "@input", "@finetune", ... -> the stage named
 
 
 def stage_name(index: int, kind: str) -> str:
@@ -40,14 +41,13 @@ def plan_stages(steps: list[Any]) -> list[PlannedStage]:
     for index, step in enumerate(steps):
         where = f"steps[{index}] ({step.kind})"
         source = resolve_stage(step.from_, stages, f"{where}.from") if step.from_ else stages[-1]
-        for field, ref in step.model_refs().items():
-            if ref.startswith("@") and ref != "@input":
-                resolve_stage(ref, stages, f"{where}.{field}")
+        refs = {ref: source.name if ref == "@input" else resolve_stage(ref, stages, f"{where}.{name}").name
+                for name, ref in step.model_refs().items() if ref.startswith("@")}
         try:
             kind = step.output_kind(source.kind)
         except StepRejects as why:
             raise ValueError(f"{where} would receive {source.kind.describe()} from {source.name}: {why}") from None
-        stages.append(PlannedStage(stage_name(index, step.kind), step, source.name, kind))
+        stages.append(PlannedStage(stage_name(index, step.kind), step, source.name, kind, refs))
     return stages
 
 
@@ -82,7 +82,8 @@ def baseline_export(stages: list[PlannedStage], reference: PlannedStage) -> Plan
     if not exports or any(stage.input == reference.name for stage in exports):
         return None
     step = exports[0].step.model_copy(update={"from_": f"@{reference.name}"})
-    return PlannedStage(BASELINE_EXPORT, step, reference.name, step.output_kind(reference.kind))
+    return PlannedStage(BASELINE_EXPORT, step, reference.name, step.output_kind(reference.kind),
+                        {"@input": reference.name})
 
 
 def parent_on_same_format(stages: list[PlannedStage], name: str, shown: set[str]) -> str | None:
@@ -103,6 +104,5 @@ def used_as_input(stages: list[PlannedStage]) -> set[str]:
     for stage in stages[1:]:
         if stage.step.from_:
             named.add(stage.input)
-        named |= {resolve_stage(ref, stages, "").name for ref in stage.step.model_refs().values()
-                  if ref.startswith("@") and ref != "@input"}
+        named |= {name for ref, name in stage.stage_refs.items() if ref != "@input"}
     return named

@@ -94,7 +94,8 @@ def test_no_extra_export_when_the_baseline_itself_is_exported():
 
 def test_model_references_to_stages_are_checked_and_read_from_disk():
     good = plan_stages([*steps({"kind": "finetune"}), Shrink(teacher="@00-finetune")])
-    assert "00-finetune" in used_as_input(good)
+    assert "00-finetune" in used_as_input(good) and good[-1].stage_refs == {"@00-finetune": "00-finetune"}
+    assert plan_stages([*steps({"kind": "finetune"}), Shrink()])[-1].stage_refs == {"@input": "00-finetune"}
     with pytest.raises(ValueError, match=r"steps\[1\] \(shrink\).teacher: '@02-x' names no earlier stage"):
         plan_stages([*steps({"kind": "finetune"}), Shrink(teacher="@02-x")])
     with pytest.raises(ValueError, match=r"steps\[1\] \(shrink\) would receive ONNX fp32 from 00-export: shrink"):
