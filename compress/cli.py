@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import __version__
-from compress.arch import TASKS
+from compress.arch import TASKS, is_text_stream
 from compress.errors import ArtifactError, CompressError, UsageError
 
 log = logging.getLogger("compress")
@@ -158,8 +158,10 @@ def _export(args: argparse.Namespace) -> int:
         artifact = models.load(args.model, args.task).artifact()
     if artifact.format != "torch":
         raise ArtifactError(f"{args.model}: holds no torch model to export (it is already {artifact.kind.describe()})")
-    texts = read_table(DataSource(path=str(args.data), text=args.text), "--data", False)["text"] if args.data \
-        else VERIFY_SENTENCES
+    texts = VERIFY_SENTENCES
+    if args.data:
+        source = DataSource(path=str(args.data), text=args.text)
+        texts = read_table(source, "--data", not is_text_stream(artifact.task), labelled=False)["text"]
     data = TaskData(artifact.task, None, Dataset.from_dict({"text": list(texts)}), None, "")
     data_cfg = DataConfig(eval=DataSource(path="-"))
 

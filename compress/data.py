@@ -48,8 +48,8 @@ SOURCES = ("train", "eval", "validation", "calib")
 def load_task_data(cfg: DataConfig, task: str, seed: int = 0) -> TaskData:
     classify = not is_text_stream(task)
     # Calibration needs inputs only: its rows may be unlabelled.
-    tables = {name: read_table(getattr(cfg, name), f"data.{name}", classify and name != "calib") for name in SOURCES
-              if getattr(cfg, name) is not None}
+    tables = {name: read_table(getattr(cfg, name), f"data.{name}", classify, labelled=name != "calib")
+              for name in SOURCES if getattr(cfg, name) is not None}
     notes: dict[str, Any] = {}
     if "eval" not in tables:
         tables["train"], tables["eval"], notes["eval_split"] = carve(tables["train"], task, cfg.eval_fraction, None, seed)
@@ -59,9 +59,9 @@ def load_task_data(cfg: DataConfig, task: str, seed: int = 0) -> TaskData:
     label_names = None
     if classify:
         label_names = _label_names(tables, cfg.labels)
-        tables = {name: table if name == "calib" else
-                  _encode_labels(table, label_names, f"data.{name}", tables.get("train") is not None)
-                  for name, table in tables.items()}
+        train_labelled = "label" in getattr(tables.get("train"), "column_names", ())
+        tables = {name: _encode_labels(table, label_names, f"data.{name}", train_labelled)
+                  if "label" in table.column_names else table for name, table in tables.items()}
         if cfg.max_eval_rows:
             tables["eval"] = tables["eval"].select(range(min(cfg.max_eval_rows, len(tables["eval"]))))
     return TaskData(task, tables.get("train"), tables["eval"], label_names, _fingerprint(cfg, task, seed), notes,
@@ -95,14 +95,17 @@ def _carve_text_tail(table: Any, fraction: float, cap: int | None) -> tuple[Any,
     return Dataset.from_dict({"text": ["\n".join(head)]}), Dataset.from_dict({"text": ["\n".join(tail)]}), note
 
 
-def read_table(src: DataSource, where: str, classify: bool) -> Any:
-    """One source as a Dataset with columns text, [text_pair], [label]; DataError names `where` and the file."""
-    table = _read_hub(src, where) if src.dataset else _read_file(src, where)
+def read_table(src: DataSource, where: str, classify: bool, labelled: bool = True) -> Any:
+    """One source as a Dataset with columns text, [text_pair], [label]; DataError names `where` and the file.
+
+    Classification reads rows (a text file: one per line) with their labels when `labelled` and the source
+    names a label column; a causal LM reads a text file as one stream."""
+    table = _read_hub(src, where) if src.dataset else _read_file(src, where, rows_are_lines=classify)
     name = src.path or src.dataset
     if len(table) == 0:
         raise DataError(f"{where}: {name} has no rows")
     wanted = {"text": src.text} | ({"text_pair": src.text_pair} if src.text_pair else {})
-    if classify:
+    if classify and labelled and src.label is not None:
         wanted["label"] = src.label
     missing = [column for column in wanted.values() if column not in table.column_names]
     if missing:
@@ -114,7 +117,7 @@ def read_table(src: DataSource, where: str, classify: bool) -> Any:
     return table
 
 
-def _read_file(src: DataSource, where: str) -> Any:
+def _read_file(src: DataSource, where: str, rows_are_lines: bool) -> Any:
     from datasets import disable_progress_bars, load_dataset
 
     disable_progress_bars()  # a local table loads in a blink: a bar per file is only noise
@@ -129,7 +132,9 @@ def _read_file(src: DataSource, where: str) -> Any:
     if kind is None:
         raise DataError(f"{where}.path: {path} has an unknown extension (known: {', '.join(FORMATS)})")
     if kind == "text":
-        return load_dataset("text", data_files=str(path), split="train", sample_by="document")
+        # A text file holds one row per line for classification, one stream for a language model.
+        return load_dataset("text", data_files=str(path), split="train",
+                            sample_by="line" if rows_are_lines else "document")
     if kind == "json":
         return load_dataset("json", data_files=str(path), split="train")
     options: dict[str, Any] = {"sep": "\t" if kind == "tsv" else ",", "keep_default_na": False}
@@ -159,7 +164,10 @@ def _read_hub(src: DataSource, where: str) -> Any:
 def _label_names(tables: dict[str, Any], declared: list[str] | None) -> list[str]:
     if declared:
         return list(declared)
-    reference = tables.get("train", tables["eval"])
+    labelled = [table for table in tables.values() if "label" in table.column_names]
+    if not labelled:
+        raise DataError("data: no source has labels; declare their names in data.labels")
+    reference = labelled[0]  # train when it has labels, else eval
     values = sorted(set(reference["label"]), key=lambda v: (not isinstance(v, int), v))
     if all(isinstance(v, int) for v in values):
         return [str(i) for i in range(int(max(values)) + 1)]

@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveInt,
     ValidationInfo,
     field_validator,
@@ -21,7 +22,16 @@ from pydantic import (
 from compress.arch import is_text_stream
 from compress.kinds import Kind
 from compress.plan import StepRejects, baseline, plan_stages
-from compress.settings import BenchConfig, FloatTolerance, QuantTolerance, Strict, TrainSettings
+from compress.settings import (
+    MODEL_REF,
+    BenchConfig,
+    FloatTolerance,
+    KDLoss,
+    ModelRef,
+    QuantTolerance,
+    Strict,
+    TrainSettings,
+)
 from compress.sysinfo import has_vnni, machine_info
 
 Task = Literal["sequence-classification", "causal-lm"]
@@ -35,7 +45,7 @@ class DataSource(Strict):
     split: str = "train"  # hub dataset split
     text: str = "text"  # column holding the text
     text_pair: str | None = None  # second text column, for sentence pairs
-    label: str = "label"  # column holding the label (classification only)
+    label: str | None = "label"  # column holding the label (classification); null: unlabelled rows
     columns: list[str] | None = None  # names for a header-less csv/tsv, in file order
     limit: PositiveInt | None = None  # keep only the first N rows
 
@@ -78,10 +88,6 @@ class DataConfig(Strict):
         return self
 
 
-# A field holding a model reference: "@input", an earlier stage ("@00-finetune", "@finetune") or a model spec
-# (alias, local directory, hub id). The pipeline resolves it and puts its content hash in the stage key.
-MODEL_REF = "model-reference"
-ModelRef = Annotated[str, MODEL_REF]
 StageRef = Annotated[str, Field(pattern=r"^@[a-z0-9][a-z0-9-]*$")]
 
 
@@ -101,9 +107,30 @@ class Step(Strict):
         """Settings resolved on this machine (e.g. per instruction set) that change the result: cache key."""
         return {}
 
+    @property
+    def reads_labels(self) -> bool:
+        """Whether the step trains on the training rows' labels (so they must have some)."""
+        return False
+
     def model_refs(self) -> dict[str, str]:
-        return {name: getattr(self, name) for name, info in type(self).model_fields.items()
-                if MODEL_REF in info.metadata}
+        """Every model reference in the settings, by dotted field name ('teacher', 'student.model')."""
+        return _model_refs(self)
+
+
+def _model_refs(settings: BaseModel, prefix: str = "") -> dict[str, str]:
+    refs = {}
+    for name, info in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if isinstance(value, BaseModel):
+            refs |= _model_refs(value, f"{prefix}{name}.")
+        elif value not in (None, "none") and (MODEL_REF in info.metadata or _holds_model_ref(info.annotation)):
+            refs[f"{prefix}{name}"] = value
+    return refs
+
+
+def _holds_model_ref(annotation: Any) -> bool:
+    """`ModelRef | None` keeps the marker inside the union's arguments."""
+    return any(arg == MODEL_REF or _holds_model_ref(arg) for arg in get_args(annotation))
 
 
 def _torch_float(step: str, given: Kind) -> None:
@@ -120,6 +147,7 @@ class FinetuneStep(TrainSettings, Step):
     kind: Literal["finetune"] = "finetune"
     compresses: ClassVar[bool] = False
     needs_data: ClassVar[tuple[str, ...]] = ("train",)
+    reads_labels: ClassVar[bool] = True
     freeze_embeddings: bool = False  # about 2.5x faster on a CPU, small accuracy cost
 
     def output_kind(self, given: Kind) -> Kind:
@@ -191,7 +219,44 @@ class PTQStep(Step):
         return {"reduce_range": self.resolved_reduce_range(), "isa": machine_info()["isa"]}
 
 
-AnyStep = Annotated[FinetuneStep | ExportStep | OrtFuseStep | PTQStep, Field(discriminator="kind")]
+class StudentSpec(Strict):
+    """The student: a layer selection of the teacher (default), a smaller config of its family, or a model."""
+
+    layers: list[NonNegativeInt] | None = None  # teacher blocks kept, weights copied; default every other from the top
+    num_layers: PositiveInt | None = None  # a smaller config: any of these four
+    hidden_size: PositiveInt | None = None
+    intermediate_size: PositiveInt | None = None
+    num_heads: PositiveInt | None = None
+    init: Literal["teacher", "random"] = "teacher"  # smaller config: sliced from the teacher where shapes allow
+    model: ModelRef | None = None  # or a model of its own: "@00-finetune", a directory, an alias
+
+    @model_validator(mode="after")
+    def _one_way(self) -> StudentSpec:
+        config = [self.num_layers, self.hidden_size, self.intermediate_size, self.num_heads]
+        ways = [self.layers is not None, any(v is not None for v in config), self.model is not None]
+        if sum(ways) > 1:
+            raise ValueError("give one of 'layers', a smaller config (num_layers, hidden_size, intermediate_size, "
+                             "num_heads) or 'model'")
+        if self.layers is not None and (not self.layers or sorted(set(self.layers)) != self.layers):
+            raise ValueError(f"layers must be distinct block indices in ascending order (got {self.layers})")
+        return self
+
+
+class DistillStep(KDLoss, TrainSettings, Step):
+    """Train a smaller student on a teacher's outputs: soft logits, hidden states, attention, relations."""
+
+    kind: Literal["distill"] = "distill"
+    needs_data: ClassVar[tuple[str, ...]] = ("train",)
+    teacher: ModelRef = "@input"
+    student: StudentSpec = StudentSpec()
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % slower
+
+    def output_kind(self, given: Kind) -> Kind:
+        _torch_float("distill", given)
+        return given
+
+
+AnyStep = Annotated[FinetuneStep | ExportStep | OrtFuseStep | PTQStep | DistillStep, Field(discriminator="kind")]
 
 
 class Recipe(Strict):
@@ -221,6 +286,9 @@ class Recipe(Strict):
                 if source is not None and source.text_pair == source.text:
                     raise ValueError(f"data.{name}: text_pair must differ from text")
         for index, step in enumerate(self.steps):
+            if step.reads_labels and self.data.train is not None and self.data.train.label is None:
+                raise ValueError(f"steps[{index}] ({step.kind}) trains on labels, but data.train has none "
+                                 "(label: null); give the label column, or for distill set alpha: 1")
             for split in step.needs_data:
                 if split == "train" and self.data.train is None:
                     raise ValueError(f"steps[{index}] ({step.kind}) needs data.train")

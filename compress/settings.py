@@ -6,15 +6,21 @@ never on the step registry.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 from compress.sysinfo import machine_info
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# A field holding a model reference: "@input", an earlier stage ("@00-finetune", "@finetune") or a model spec
+# (alias, local directory, hub id). The pipeline resolves it and puts its content hash in the stage key.
+MODEL_REF = "model-reference"
+ModelRef = Annotated[str, MODEL_REF]
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -67,3 +73,31 @@ class BenchConfig(Strict):
     rounds: int = Field(3, ge=3)  # variants are timed interleaved: A B C, A B C, ...
     real_length_samples: int = Field(100, ge=0)  # eval rows timed at their own length, batch 1
     timeout_s: int = Field(900, ge=10)  # a worker that does not answer a request within this is stopped
+
+
+class KDLoss(Strict):
+    """Knowledge-distillation loss weights: `distill` and the pruning steps' `recover` block share them.
+
+    alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE(labels), plus the weighted terms.
+    """
+
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft loss; 1 - alpha on the hard labels
+    temperature: float = Field(2.0, gt=0)
+    hidden_weight: float = Field(0.0, ge=0)  # hidden-state MSE over the layer map (projected when widths differ)
+    attention_weight: float = Field(0.0, ge=0)  # attention-map MSE (TinyBERT); needs equal head counts
+    relation_weight: float = Field(0.0, ge=0)  # MiniLM self-attention relations (last blocks); any head counts
+    relation_heads: PositiveInt | None = None  # heads the relations are split into; default: the student's
+    # (student, teacher) hidden-state indices, 0 = embeddings; default: uniform over the depths
+    layer_map: list[tuple[NonNegativeInt, NonNegativeInt]] | None = None
+
+    @property
+    def reads_labels(self) -> bool:
+        return self.alpha < 1
+
+
+class RecoverSettings(KDLoss, TrainSettings):
+    """Training after pruning, distilled from the model before it by default (`distill_from: none`: plain
+    fine-tuning on the labels)."""
+
+    distill_from: ModelRef = "@input"
+

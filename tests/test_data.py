@@ -52,7 +52,7 @@ def test_declared_validation_and_unlabelled_calibration_rows(tmp_path, sentiment
                                  eval={"path": str(sentiment_files["dev"]), "text": "sentence"},
                                  calib={"path": str(calib)}), CLS)
     assert len(data.train) == 200 and len(data.validation) == 40 and "validation_split" not in data.notes
-    assert data.table("calib")["text"] == ["just some text to calibrate on\n"]
+    assert data.table("calib")["text"] == ["just some text to calibrate on"]  # one row per line
     no_calib = load_task_data(config(train={"path": str(sentiment_files["train"]), "text": "sentence"}), CLS)
     assert no_calib.table("calib") is no_calib.train
 
@@ -141,3 +141,14 @@ def test_lm_windows_score_every_token_once(text_file, tiny_llama_dir, stride):
     assert int(evals.target_mask.sum()) == 299  # every token but the very first is predicted exactly once
     assert evals.features["input_ids"].shape[1] == 32
     assert not np.any(evals.target_mask[:, 0])
+
+
+def test_unlabelled_training_rows_take_their_label_names_from_eval(tmp_path, sentiment_files):
+    unlabelled = tmp_path / "unlabelled.txt"
+    unlabelled.write_text("".join(f"in-domain sentence {i}\n" for i in range(20)))
+    data = load_task_data(config(train={"path": str(unlabelled), "label": None},
+                                 eval={"path": str(sentiment_files["dev"]), "text": "sentence"}), CLS)
+    assert data.label_names == ["negative", "positive"] and "label" not in data.train.column_names
+    assert len(data.train) + len(data.validation) == 20  # one row per line
+    with pytest.raises(DataError, match="no source has labels; declare their names in data.labels"):
+        load_task_data(config(train={"path": str(unlabelled), "label": None}), CLS)

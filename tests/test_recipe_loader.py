@@ -125,3 +125,23 @@ def test_hub_ids_with_dots_stay_hub_ids(tmp_path):
     assert load_recipe(write(tmp_path, BASE.replace("minilm-l6", "microsoft/phi-1.5"))).model == "microsoft/phi-1.5"
     (tmp_path / "mine").mkdir()
     assert load_recipe(write(tmp_path, BASE.replace("minilm-l6", "mine"))).model == str(tmp_path / "mine")
+
+
+def test_steps_that_train_on_labels_need_labelled_rows(tmp_path):
+    unlabelled = BASE.replace("train: {path: train.tsv, text: sentence}", "train: {path: train.tsv, label: null}")
+    assert "steps[0] (finetune) trains on labels, but data.train has none" in error(write(tmp_path, unlabelled))
+    distill = unlabelled.split("steps:")[0] + "steps: [{kind: distill, alpha: 0.5}]\n"
+    assert "steps[0] (distill) trains on labels" in error(write(tmp_path, distill))
+    assert load_recipe(write(tmp_path, distill.replace("alpha: 0.5", "alpha: 1"))).steps[0].alpha == 1
+
+
+@pytest.mark.parametrize(("step", "expected"), [
+    ("{kind: distill, temperature: 0}", "steps[0].temperature: Input should be greater than 0"),
+    ("{kind: distill, alpha: 1.5}", "steps[0].alpha: Input should be less than or equal to 1"),
+    ("{kind: distill, student: {layers: [3, 1]}}", "steps[0].student: layers must be distinct block indices"),
+    ("{kind: distill, student: {layers: [1], num_layers: 2}}", "steps[0].student: give one of 'layers'"),
+    ("{kind: distill, layer_map: [[0, -1]]}", "steps[0].layer_map[0][1]: Input should be greater than or equal to 0"),
+    ("{kind: export}, {kind: distill}", "steps[1] (distill) would receive ONNX fp32 from 00-export"),
+])
+def test_bad_distill_settings_name_the_field(tmp_path, step, expected):
+    assert expected in error(write(tmp_path, BASE.split("steps:")[0] + f"steps: [{step}]\n"))
