@@ -148,7 +148,6 @@ class FinetuneStep(TrainSettings, Step):
     compresses: ClassVar[bool] = False
     needs_data: ClassVar[tuple[str, ...]] = ("train",)
     reads_labels: ClassVar[bool] = True
-    freeze_embeddings: bool = False  # about 2.5x faster on a CPU, small accuracy cost
 
     def output_kind(self, given: Kind) -> Kind:
         _torch_float("finetune", given)

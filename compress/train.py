@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from compress.arch import family
 from compress.errors import RecipeError
 from compress.eval.metrics import evaluate as evaluate_metric
 from compress.eval.runners import TorchRunner
@@ -407,3 +408,26 @@ def scores_on(eval_set: EvalSet, progress: bool = False) -> Evaluate:
         return {result.name: result.value}
 
     return scores
+
+
+def freeze_embeddings(model: Any) -> int:
+    """Stop training the embedding tables (the family table says where they are); returns how many weights."""
+    module = model.base_model
+    for attr in family(model.config.model_type).embeddings.split("."):
+        module = getattr(module, attr)
+    params = list(module.parameters())
+    for parameter in params:
+        parameter.requires_grad_(False)
+    return sum(p.numel() for p in params)
+
+
+@contextmanager
+def trainability_kept(model: Any) -> Iterator[None]:
+    """Whatever a pass freezes to train, the model it returns has the trainable parameters it came with."""
+    before = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, requires_grad in before:
+            parameter.requires_grad_(requires_grad)
+

@@ -1,0 +1,1 @@
+"""Pure algorithms on tensors and modules: no I/O, no recipe types."""

@@ -1,0 +1,112 @@
+"""The distill pass on the tiny models, from recipes (through the pipeline) and from Python."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from compress.algos.kd import logit_kd
+from compress.algos.students import select_layers
+from compress.artifact import Artifact
+from compress.context import Context
+from compress.data import build_eval_set, load_task_data
+from compress.errors import RecipeError
+from compress.passes import distill
+from compress.pipeline import run_pipeline
+from compress.recipe import DataConfig, DistillStep
+from compress.recipe_loader import load_recipe
+
+TEACHER = {"kind": "finetune", "epochs": 6, "batch_size": 16, "lr": 5e-3, "warmup_ratio": 0.0}
+DISTILL = {"kind": "distill", "student": {"layers": [1]}, "epochs": 6, "batch_size": 16, "lr": 5e-3,
+           "warmup_ratio": 0.0}
+
+
+@pytest.fixture
+def classification_recipe(tmp_path, tiny_bert_dir, sentiment_files):
+    def write(*steps: dict) -> str:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": str(tiny_bert_dir), "task": "sequence-classification",
+            "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
+                     "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
+            "steps": list(steps), "bench": {"enabled": False}}))
+        return path
+
+    return write
+
+
+def test_a_one_layer_student_learns_from_its_two_layer_teacher(tmp_path, classification_recipe):
+    step = {**DISTILL, "alpha": 0.5, "hidden_weight": 1.0, "attention_weight": 1.0, "relation_weight": 1.0}
+    out = tmp_path / "run"
+    run_pipeline(load_recipe(classification_recipe(TEACHER, step)), out, quiet=True)
+
+    student = Artifact.load(out / "01-distill")
+    assert student.model.config.num_hidden_layers == 1 and student.kind.format == "torch"
+    assert not [name for name in student.model.state_dict() if "distill_loss" in name]  # projections dropped
+    effect = student.history[-1]["effect"]
+    assert effect["student"] == {"layers_of_teacher": [1]} and effect["layer_map"] == [[0, 0], [1, 2]]
+    assert effect["evals"][-1]["accuracy"] >= 0.85  # the mood words give the label away
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["input"] for s in manifest["stages"]] == ["base", "00-finetune"]
+
+
+def test_a_narrower_student_distils_through_projections(tmp_path, classification_recipe):
+    step = {**DISTILL, "student": {"num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32},
+            "alpha": 1.0, "hidden_weight": 1.0, "relation_weight": 1.0}
+    out = tmp_path / "run"
+    run_pipeline(load_recipe(classification_recipe(TEACHER, step)), out, quiet=True)
+    student = Artifact.load(out / "01-distill")
+    assert (student.config.hidden_size, student.config.num_hidden_layers) == (16, 1)
+    assert student.history[-1]["effect"]["student"]["init"] == "teacher"
+
+
+def test_token_level_distillation_of_a_causal_lm(tmp_path, tiny_causal_lm, text_file):
+    teacher_model, tokenizer = tiny_causal_lm
+    cfg = DataConfig.model_validate({"train": {"path": str(text_file)}, "eval": {"path": str(text_file)},
+                                     "max_length": 32, "max_eval_tokens": 512})
+    data = load_task_data(cfg, "causal-lm")
+    teacher = Artifact("causal-lm", teacher_model.config, tokenizer, teacher_model)
+    ctx = Context(stage_dir=tmp_path, task="causal-lm", max_length=32, data=data, quiet=True,
+                  make_eval_set=lambda tok, split: build_eval_set(data, tok, cfg, split),
+                  resolve_model={"@input": teacher}.__getitem__)
+    evals = build_eval_set(data, tokenizer, cfg, "validation")
+    batch = {k: torch.from_numpy(v) for k, v in evals.features.items()}
+    mask = torch.from_numpy(evals.features["attention_mask"]).bool()
+
+    def gap(model) -> float:  # KL(teacher || student) per real token: what token-level KD minimises
+        with torch.no_grad():
+            return logit_kd(model(**batch).logits, teacher_model(**batch).logits, 1.0, mask).item()
+
+    untrained = gap(select_layers(teacher_model, [1]))
+    step = DistillStep(student={"layers": [1]}, alpha=1.0, temperature=1.0, epochs=4, batch_size=8, lr=3e-3,
+                       warmup_ratio=0.0)
+    before = {name: tensor.clone() for name, tensor in teacher_model.state_dict().items()}
+    student = distill.run(teacher, step, ctx)
+    assert gap(student.model) < untrained / 2
+    assert student.model.config.num_hidden_layers == 1 and teacher_model.config.num_hidden_layers == 2
+    after = teacher_model.state_dict()  # the teacher (a shared fixture) is untouched
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(p.requires_grad for p in teacher_model.parameters())
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ({"student": {"layers": [1, 5]}}, r"distill: student.layers: index 5 is out of range"),
+    ({"layer_map": [[0, 0], [1, 9]]}, r"distill.layer_map: .*9"),
+])
+def test_settings_the_teacher_cannot_meet_fail_the_stage_with_one_line(tmp_path, classification_recipe, step,
+                                                                      message):
+    out = tmp_path / "run"
+    with pytest.raises(RecipeError, match=message):
+        run_pipeline(load_recipe(classification_recipe({**DISTILL, **step, "max_steps": 1})), out, quiet=True)
+    assert not (out / "00-distill").exists()
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, classification_recipe, tiny_llama_dir):
+    recipe = classification_recipe({**DISTILL, "teacher": str(tiny_llama_dir), "max_steps": 1})
+    with pytest.raises(RecipeError, match="distill.teacher: .* has another vocabulary"):
+        run_pipeline(load_recipe(recipe), tmp_path / "run", quiet=True)
+
+
