@@ -123,9 +123,11 @@ def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
     models.resolve(recipe.model, recipe.trust_remote_code)
-    counts = [(len(table), name) for name, table in (("train", data.train), ("validation", data.validation),
-                                                     ("eval", data.eval)) if table is not None]
-    rows = " / ".join(f"{count} {name}" for count, name in counts) + " rows"
+    stream = is_text_stream(recipe.task)  # one text each: its size is in characters, not rows
+    counts = [(sum(map(len, table["text"])) if stream else len(table), name)
+              for name, table in (("train", data.train), ("validation", data.validation), ("eval", data.eval))
+              if table is not None]
+    rows = " / ".join(f"{count:,} {name}" for count, name in counts) + (" characters" if stream else " rows")
     labels = f", labels: {', '.join(data.label_names)}" if data.label_names else ""
     print(f"{args.recipe}: ok ({recipe.task}, {rows}{labels})")
     stages = plan_stages(recipe.steps)

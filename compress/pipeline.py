@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from compress.plan import (
     plan_stages,
     used_as_input,
 )
+from compress.ranks import Ranks
 from compress.recipe import Recipe, step_pass_module
 from compress.rundir import (
     RunLock,
@@ -43,6 +45,7 @@ from compress.rundir import (
     sweep_leftovers,
     verify_files,
 )
+from compress.settings import TrainSettings
 from compress.sysinfo import library_versions, machine_info
 
 log = logging.getLogger("compress")
@@ -73,6 +76,11 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
     check_out(out, overwrite)
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
     models.resolve(recipe.model, recipe.trust_remote_code)  # fail on a bad model before writing anything
+    ranks = Ranks()
+    runner = _StageRunner(recipe, out, data, quiet, used_as_input(plan) | {reference.name}, ranks)
+    if not ranks.main:  # trains alongside rank 0, which alone locks, writes and benchmarks
+        _compute_stages(runner, plan, extra)
+        return {"stages": [], "results": None}
     with RunLock(out):
         if overwrite and not _is_run(out):
             _clear(out)
@@ -86,7 +94,7 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
                     "machine": machine_info(), "baseline": reference.name, "stages": []}
         atomic_write_json(out / RUN_MANIFEST, manifest)
         try:
-            results = _run(recipe, out, plan, reference, extra, data, manifest, quiet, command)
+            results = _run(runner, plan, reference, extra, manifest, command)
         except BaseException as err:
             manifest |= {"status": "failed", "finished": _now(), "error": f"{type(err).__name__}: {err}"}
             atomic_write_json(out / RUN_MANIFEST, manifest)
@@ -96,14 +104,10 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
     return {"stages": manifest["stages"], "results": results}
 
 
-def _run(recipe: Recipe, out: Path, plan: list[PlannedStage], reference: PlannedStage, extra: PlannedStage | None,
-         data: TaskData, manifest: dict, quiet: bool, command: str | None) -> dict | None:
-    runner = _StageRunner(recipe, out, data, quiet, needed_on_disk=used_as_input(plan) | {reference.name})
-    stages = [runner.base()]
-    stages += [runner.step(planned) for planned in plan[1:]]
-    if extra is not None:
-        stages.append(runner.step(extra))
-    stages = [stage for stage in stages if stage.status != "skipped"]
+def _run(runner: _StageRunner, plan: list[PlannedStage], reference: PlannedStage, extra: PlannedStage | None,
+         manifest: dict, command: str | None) -> dict | None:
+    recipe, out, data, quiet = runner.recipe, runner.out, runner.data, runner.quiet
+    stages = _compute_stages(runner, plan, extra)
     _remove_stale_stages(out, {stage.name for stage in stages})
     manifest["stages"] = [_stage_summary(stage) for stage in stages]
     atomic_write_json(out / RUN_MANIFEST, manifest)
@@ -113,11 +117,23 @@ def _run(recipe: Recipe, out: Path, plan: list[PlannedStage], reference: Planned
                   data)
 
 
-class _StageRunner:
-    """Walks the planned stages, loading an input from disk only when a stage has to be computed."""
+def _compute_stages(runner: _StageRunner, plan: list[PlannedStage], extra: PlannedStage | None) -> list[Stage]:
+    stages = [runner.base(), *(runner.step(planned) for planned in plan[1:])]
+    if extra is not None:
+        stages.append(runner.step(extra))
+    return [stage for stage in stages if stage.status != "skipped"]
 
-    def __init__(self, recipe: Recipe, out: Path, data: TaskData, quiet: bool, needed_on_disk: set[str]):
-        self.recipe, self.out, self.data, self.quiet = recipe, out, data, quiet
+
+class _StageRunner:
+    """Walks the planned stages, loading an input from disk only when a stage has to be computed.
+
+    Under a multi-process launch every process walks them in step: a training stage is computed by all
+    (data parallel), any other by rank 0 alone, and only rank 0 writes; the processes meet between stages.
+    """
+
+    def __init__(self, recipe: Recipe, out: Path, data: TaskData, quiet: bool, needed_on_disk: set[str],
+                 ranks: Ranks):
+        self.recipe, self.out, self.data, self.quiet, self.ranks = recipe, out, data, quiet, ranks
         self.needed_on_disk = needed_on_disk
         self.keys: dict[str, str] = {}
         self.in_memory: dict[str, Artifact] = {}  # only the unsaved base model lives here
@@ -156,28 +172,39 @@ class _StageRunner:
 
     def _stage(self, planned: PlannedStage, key: str, compute: Any, started: float) -> Stage:
         name, final = planned.name, self.out / planned.name
+        self.ranks.wait()  # every process sees the earlier stages on disk
         reason = _why_not_reusable(final, key)
         if reason is None:
-            record = json.loads((final / STAGE_RECORD).read_text())
             log.info("%s: reused (inputs unchanged, key %s)", name, key[:12])
-            return Stage(name, planned.input, key, final, "reused", record["seconds"], Kind.from_json(record["kind"]))
+            return _finished(planned, key, final, "reused")
+        if not (self.ranks.main or isinstance(planned.step, TrainSettings)):
+            self.ranks.wait()  # rank 0 computes a stage that does not train on its own
+            return _finished(planned, key, final, "computed")
         log.info("%s: computing%s", name, "" if reason == "new" else f" ({reason})")
-        partial = self.out / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        artifact = compute(self._context(name, key, partial, planned))
+        scratch = self.out / f".{name}.partial" if self.ranks.main else Path(tempfile.mkdtemp(prefix="compress-"))
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        artifact = compute(self._context(name, key, scratch, planned))
         _check_kind(planned, artifact.kind)
         seconds = round(time.perf_counter() - started, 2)
+        if self.ranks.main:
+            self._save(planned, key, artifact, scratch, seconds)
+        else:
+            shutil.rmtree(scratch)
+        self.ranks.wait()
+        return Stage(name, planned.input, key, final, "computed", seconds, artifact.kind)
+
+    def _save(self, planned: PlannedStage, key: str, artifact: Artifact, partial: Path, seconds: float) -> None:
+        name = planned.name
         if planned.step is not None:
             artifact.history[-1] = {**artifact.history[-1], "stage": name, "seconds": seconds}
         artifact.save(partial)
         atomic_write_json(partial / STAGE_RECORD, {"key": key, "input": planned.input, "seconds": seconds,
                                                    "kind": artifact.kind.to_json()})
-        replace_dir(partial, final)  # only a complete stage ever carries the final name
+        replace_dir(partial, self.out / name)  # only a complete stage ever carries the final name
         for checkpoints in self.out.glob(f".{name}.checkpoint-*"):
             shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("%s: computed in %.1f s", name, seconds)
-        return Stage(name, planned.input, key, final, "computed", seconds, artifact.kind)
 
     def _context(self, name: str, key: str, partial: Path, planned: PlannedStage) -> Context:
         checkpoint_dir = self.out / f".{name}.checkpoint-{key[:16]}"
@@ -211,6 +238,11 @@ class _StageRunner:
         if ref in planned.stage_refs:
             return self.keys[planned.stage_refs[ref]]
         return self._resolve(ref, planned).fingerprint
+
+
+def _finished(planned: PlannedStage, key: str, directory: Path, status: str) -> Stage:
+    record = json.loads((directory / STAGE_RECORD).read_text())
+    return Stage(planned.name, planned.input, key, directory, status, record["seconds"], Kind.from_json(record["kind"]))
 
 
 def check_out(out: Path, overwrite: bool) -> None:
