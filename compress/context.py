@@ -39,11 +39,11 @@ class Context:
         """Rows withheld from training, for anything that tunes (per-epoch scores, sensitivity, search)."""
         return self._evals(tokenizer, "validation")
 
-    def train_loader(self, tokenizer: Any, batch_size: int) -> Any:
+    def train_loader(self, tokenizer: Any, batch_size: int, row_ids: bool = False) -> Any:
         from compress.loaders import train_loader
 
         return train_loader(self._data().table("train"), tokenizer, self.task, self.max_length, batch_size,
-                            self.seed)
+                            self.seed, row_ids)
 
     def calibration(self, tokenizer: Any, samples: int, batch_size: int = 8) -> list[dict[str, Any]]:
         """`samples` seeded rows of the calibration source (never the eval set), tokenized, as numpy batches."""

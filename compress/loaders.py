@@ -18,16 +18,22 @@ from compress.data import lm_token_ids
 from compress.errors import DataError
 
 Row = dict[str, Any]  # token lists (or arrays) per model input; training rows also hold `labels`
+PER_ROW = ("labels", "row_id")  # one value per row, never padded
 
 
 def train_loader(table: Any, tokenizer: Any, task: str, max_length: int, batch_size: int,
-                 seed: int) -> DataLoader:
-    """Shuffled (seeded) torch batches with `labels`: class ids, or the input ids for causal LM."""
+                 seed: int, row_ids: bool = False) -> DataLoader:
+    """Shuffled (seeded) torch batches with `labels`: class ids, or the input ids for causal LM; with
+    `row_ids`, also each row's index in the table (`row_id`), for whatever is kept per row across epochs."""
     if is_text_stream(task):
         rows = block_rows(lm_blocks(table, tokenizer, max_length))
     else:
         encoded = encode_rows(table, tokenizer, max_length)
-        rows = [{**row, "labels": label} for row, label in zip(encoded, table["label"], strict=True)]
+        labels = table["label"] if "label" in table.column_names else [None] * len(table)
+        rows = [row if label is None else {**row, "labels": label}
+                for row, label in zip(encoded, labels, strict=True)]
+    if row_ids:
+        rows = [{**row, "row_id": index} for index, row in enumerate(rows)]
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id, causal=is_text_stream(task))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
@@ -81,8 +87,10 @@ def pad_right(rows: list[Row], pad_id: int) -> dict[str, np.ndarray]:
 
 
 def collate_rows(rows: list[Row], pad_id: int, causal: bool) -> dict[str, torch.Tensor]:
-    features = pad_right([{k: v for k, v in row.items() if k != "labels"} for row in rows], pad_id)
+    per_row = [key for key in PER_ROW if key in rows[0]]
+    features = pad_right([{k: v for k, v in row.items() if k not in per_row} for row in rows], pad_id)
     batch = {key: torch.from_numpy(values) for key, values in features.items()}
-    # Causal LM blocks are never padded, so every position is a target.
-    batch["labels"] = batch["input_ids"].clone() if causal else torch.tensor([row["labels"] for row in rows])
+    batch |= {key: torch.tensor([row[key] for row in rows]) for key in per_row}
+    if causal:  # causal LM blocks are never padded, so every position is a target
+        batch["labels"] = batch["input_ids"].clone()
     return batch

@@ -184,7 +184,11 @@ class _StageRunner:
         scratch = self.out / f".{name}.partial" if self.ranks.main else Path(tempfile.mkdtemp(prefix="compress-"))
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
-        artifact = compute(self._context(name, key, scratch, planned))
+        try:
+            artifact = compute(self._context(name, key, scratch, planned))
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)  # a failed stage leaves nothing (its checkpoints stay)
+            raise
         _check_kind(planned, artifact.kind)
         seconds = round(time.perf_counter() - started, 2)
         if self.ranks.main:

@@ -112,6 +112,9 @@ class Step(Strict):
         """Whether the step trains on the training rows' labels (so they must have some)."""
         return False
 
+    def check_task(self, task: str) -> None:
+        """Raise ValueError when these settings cannot serve `task`."""
+
     def model_refs(self) -> dict[str, str]:
         """Every model reference in the settings, by dotted field name ('teacher', 'student.model')."""
         return _model_refs(self)
@@ -249,6 +252,21 @@ class DistillStep(KDLoss, TrainSettings, Step):
     teacher: ModelRef = "@input"
     student: StudentSpec = StudentSpec()
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % slower
+    # Keep the teacher's logits per training row from the first epoch (in memory and on disk) for the next
+    # ones: the teacher then runs once, not once an epoch. Logit-only KD of a classifier.
+    cache_teacher: bool = False
+
+    @model_validator(mode="after")
+    def _cacheable(self) -> DistillStep:
+        if self.cache_teacher and (self.hidden_weight or self.attention_weight or self.relation_weight):
+            raise ValueError("cache_teacher keeps the teacher's logits only; it needs hidden_weight, "
+                             "attention_weight and relation_weight at 0")
+        return self
+
+    def check_task(self, task: str) -> None:
+        if self.cache_teacher and is_text_stream(task):
+            raise ValueError("cache_teacher: a causal LM's logits (every token x the vocabulary) are too large "
+                             "to keep per row; leave it off")
 
     def output_kind(self, given: Kind) -> Kind:
         _torch_float("distill", given)
@@ -285,6 +303,10 @@ class Recipe(Strict):
                 if source is not None and source.text_pair == source.text:
                     raise ValueError(f"data.{name}: text_pair must differ from text")
         for index, step in enumerate(self.steps):
+            try:
+                step.check_task(self.task)
+            except ValueError as why:
+                raise ValueError(f"steps[{index}].{why}") from None
             if step.reads_labels and self.data.train is not None and self.data.train.label is None:
                 raise ValueError(f"steps[{index}] ({step.kind}) trains on labels, but data.train has none "
                                  "(label: null); give the label column, or for distill set alpha: 1")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
 from contextlib import ExitStack
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from compress.algos.kd import DistillLoss, capture_qkv, check_layer_map, make_projections, uniform_layer_map
 from compress.algos.students import (
@@ -21,7 +25,7 @@ from compress.artifact import Artifact, step_record
 from compress.context import Context
 from compress.errors import RecipeError
 from compress.recipe import DistillStep
-from compress.train import freeze_embeddings, scores_on, train, trainability_kept
+from compress.train import Callback, freeze_embeddings, scores_on, train, trainability_kept
 
 
 def run(artifact: Artifact, step: DistillStep, ctx: Context) -> Artifact:
@@ -39,13 +43,15 @@ def run(artifact: Artifact, step: DistillStep, ctx: Context) -> Artifact:
     if step.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     validation = ctx.validation_set(artifact.tokenizer)
+    cache = TeacherLogits(ctx.checkpoint_dir) if step.cache_teacher else None
     with trainability_kept(student):
         frozen = freeze_embeddings(student) if step.freeze_embeddings else 0
         # The projections that map the student's hidden states onto the teacher's train with the student, as
         # its submodule for the duration (so the loop's optimizer and checkpoints hold them), then go.
         student.add_module("distill_loss", loss)
-        summary = train(student, ctx.train_loader(artifact.tokenizer, step.batch_size), step, seed=step.seed_or(ctx.seed),
-                        loss_fn=objective(loss, teacher), desc="distill", quiet=ctx.quiet,
+        loader = ctx.train_loader(artifact.tokenizer, step.batch_size, row_ids=cache is not None)
+        summary = train(student, loader, step, seed=step.seed_or(ctx.seed), loss_fn=objective(loss, teacher, cache),
+                        callbacks=[cache] if cache else [], desc="distill", quiet=ctx.quiet,
                         evaluate=scores_on(validation, progress=not ctx.quiet) if _scored(validation) else None,
                         checkpoint_dir=ctx.checkpoint_dir)
         del student.distill_loss
@@ -103,11 +109,12 @@ def distill_loss(step: DistillStep, student: Any, teacher: Any) -> DistillLoss:
                        mapping=mapping, projections=projections, relation_heads=relation_heads)
 
 
-def objective(loss: DistillLoss, teacher: Any) -> Any:
+def objective(loss: DistillLoss, teacher: Any, cache: TeacherLogits | None = None) -> Any:
     """The loop's `loss_fn`: both models on the same batch, the teacher without gradients (no_grad, not
-    inference_mode: the soft targets are saved for the student's backward pass)."""
+    inference_mode: the soft targets are saved for the student's backward pass), or its cached logits."""
 
     def compute(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        row_ids = batch.pop("row_id", None)
         teacher.to(next(model.parameters()).device)  # a no-op after the first batch
         with ExitStack() as hooks:
             captured = None
@@ -115,13 +122,46 @@ def objective(loss: DistillLoss, teacher: Any) -> Any:
                 captured = [hooks.enter_context(capture_qkv(m, family(m.config.model_type), _depth(m)))
                             for m in (model, teacher)]
             student_out = model(**batch, **loss.output_flags)
-            with torch.no_grad():
-                teacher_out = teacher(**batch, **loss.output_flags)
+            teacher_out = cache.lookup(row_ids) if cache else None
+            if teacher_out is None:
+                with torch.no_grad():
+                    teacher_out = teacher(**batch, **loss.output_flags)
+                if cache:
+                    cache.keep(row_ids, teacher_out.logits)
             qkv = {"student_qkv": captured[0].qkv, "teacher_qkv": captured[1].qkv} if captured else {}
             total, _ = loss(student_out, teacher_out, batch["attention_mask"], **qkv)
         return total
 
     return compute
+
+
+class TeacherLogits(Callback):
+    """The teacher's logits per training row, from the first epoch on: in memory, and at each epoch's end in
+    the stage's checkpoint directory (one file per process), so later epochs and a resumed run reuse them."""
+
+    def __init__(self, directory: Path | None) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.path = directory / f"teacher-logits-{rank}.safetensors" if directory else None
+        self.logits: dict[int, torch.Tensor] = {}
+        if self.path is not None and self.path.is_file():
+            self.logits = {int(row): tensor for row, tensor in load_file(self.path).items()}
+
+    def lookup(self, row_ids: torch.Tensor) -> SimpleNamespace | None:
+        rows = row_ids.tolist()
+        if not all(row in self.logits for row in rows):
+            return None
+        return SimpleNamespace(logits=torch.stack([self.logits[row] for row in rows]).to(row_ids.device))
+
+    def keep(self, row_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        self.logits |= dict(zip(row_ids.tolist(), logits.detach().float().cpu(), strict=True))
+
+    def on_epoch_end(self, state: Any, model: Any) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        save_file({str(row): tensor.contiguous() for row, tensor in self.logits.items()}, partial)
+        os.replace(partial, self.path)
 
 
 def _depth(model: Any) -> int:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from compress.algos.kd import logit_kd
 from compress.algos.students import select_layers
@@ -101,7 +102,7 @@ def test_settings_the_teacher_cannot_meet_fail_the_stage_with_one_line(tmp_path,
     out = tmp_path / "run"
     with pytest.raises(RecipeError, match=message):
         run_pipeline(load_recipe(classification_recipe({**DISTILL, **step, "max_steps": 1})), out, quiet=True)
-    assert not (out / "00-distill").exists()
+    assert not (out / "00-distill").exists() and not (out / ".00-distill.partial").exists()
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, classification_recipe, tiny_llama_dir):
@@ -110,3 +111,67 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, classification_r
         run_pipeline(load_recipe(recipe), tmp_path / "run", quiet=True)
 
 
+
+
+def _classification_context(tmp_path, sentiment_files, **train_source):
+    cfg = DataConfig.model_validate({"train": {"path": str(sentiment_files["train"]), "text": "sentence",
+                                               **train_source},
+                                     "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"},
+                                     "max_length": 32})
+    data = load_task_data(cfg, "sequence-classification")
+    return data, lambda tok, split: build_eval_set(data, tok, cfg, split)
+
+
+def test_cached_teacher_logits_train_the_same_student(tmp_path, tiny_classifier, sentiment_files):
+    model, tokenizer = tiny_classifier
+    teacher = Artifact("sequence-classification", model.config, tokenizer, model)
+    data, evals = _classification_context(tmp_path, sentiment_files)
+    students = {}
+    for cached in (False, True):
+        ctx = Context(stage_dir=tmp_path / f"stage-{cached}", task="sequence-classification", max_length=32,
+                      data=data, make_eval_set=evals, resolve_model={"@input": teacher}.__getitem__, quiet=True,
+                      checkpoint_dir=tmp_path / f"checkpoints-{cached}")
+        step = DistillStep(student={"layers": [1]}, cache_teacher=cached, epochs=3, batch_size=16, lr=5e-3)
+        students[cached] = distill.run(teacher, step, ctx).model.state_dict()
+    assert all(torch.allclose(students[False][k], students[True][k], atol=1e-6) for k in students[False])
+    kept = load_file(tmp_path / "checkpoints-True" / "teacher-logits-0.safetensors")
+    assert len(kept) == 180 and next(iter(kept.values())).shape == (2,)  # every training row, once
+
+
+def test_unlabelled_text_distils_with_alpha_one(tmp_path, tiny_classifier, sentiment_files):
+    model, tokenizer = tiny_classifier
+    teacher = Artifact("sequence-classification", model.config, tokenizer, model)
+    unlabelled = tmp_path / "unlabelled.tsv"
+    unlabelled.write_text(sentiment_files["train"].read_text().replace("\tlabel", "\tmood"))
+    data, evals = _classification_context(tmp_path, {"train": unlabelled, "dev": sentiment_files["dev"]}, label=None)
+    ctx = Context(stage_dir=tmp_path, task="sequence-classification", max_length=32, data=data, quiet=True,
+                  make_eval_set=evals, resolve_model={"@input": teacher}.__getitem__)
+    student = distill.run(teacher, DistillStep(student={"layers": [1]}, alpha=1.0, max_steps=3, batch_size=16), ctx)
+    assert student.history[-1]["effect"]["steps"] == 3 and student.history[-1]["effect"]["evals"] == []
+
+
+def test_cache_teacher_is_refused_where_it_cannot_work(tmp_path):
+    with pytest.raises(ValueError, match="cache_teacher keeps the teacher's logits only"):
+        DistillStep(cache_teacher=True, hidden_weight=1.0)
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "smollm2-135m", "task": "causal-lm",
+                                      "data": {"train": {"path": "x.txt"}},
+                                      "steps": [{"kind": "distill", "alpha": 1.0, "cache_teacher": True}]}))
+    with pytest.raises(RecipeError, match=r"steps\[0\].cache_teacher: a causal LM's logits"):
+        load_recipe(recipe)
+
+
+@pytest.mark.gpu
+def test_distillation_on_cuda_in_bf16(tmp_path, tiny_classifier, sentiment_files):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tokenizer = tiny_classifier
+    teacher = Artifact("sequence-classification", model.config, tokenizer, model)
+    data, evals = _classification_context(tmp_path, sentiment_files)
+    ctx = Context(stage_dir=tmp_path, task="sequence-classification", max_length=32, data=data, quiet=True,
+                  make_eval_set=evals, resolve_model={"@input": teacher}.__getitem__, device="cuda")
+    step = DistillStep(student={"layers": [1]}, hidden_weight=1.0, attention_weight=1.0, precision="bf16",
+                       max_steps=4, batch_size=16)
+    student = distill.run(teacher, step, ctx)
+    assert next(student.model.parameters()).device.type == "cuda"
+    assert student.history[-1]["effect"]["precision"] == "bf16"
