@@ -175,3 +175,28 @@ def test_distillation_on_cuda_in_bf16(tmp_path, tiny_classifier, sentiment_files
     student = distill.run(teacher, step, ctx)
     assert next(student.model.parameters()).device.type == "cuda"
     assert student.history[-1]["effect"]["precision"] == "bf16"
+
+
+def test_gradient_checkpointing_trains_and_is_switched_off_after(tmp_path, tiny_classifier, sentiment_files):
+    model, tokenizer = tiny_classifier
+    teacher = Artifact("sequence-classification", model.config, tokenizer, model)
+    data, evals = _classification_context(tmp_path, sentiment_files)
+    ctx = Context(stage_dir=tmp_path, task="sequence-classification", max_length=32, data=data, quiet=True,
+                  make_eval_set=evals, resolve_model={"@input": teacher}.__getitem__)
+    step = DistillStep(student={"layers": [1]}, gradient_checkpointing=True, hidden_weight=1.0, max_steps=3,
+                       batch_size=16)
+    student = distill.run(teacher, step, ctx)
+    assert not student.model.is_gradient_checkpointing
+    assert student.history[-1]["effect"]["steps"] == 3
+
+
+def test_the_recover_block_shares_the_loss_and_names_its_teacher():
+    from compress.recipe import _model_refs
+    from compress.settings import RecoverSettings
+
+    recover = RecoverSettings(epochs=2, hidden_weight=1.0)
+    assert (recover.distill_from, recover.alpha, recover.temperature) == ("@input", 0.5, 2.0)
+    assert _model_refs(recover) == {"distill_from": "@input"}
+    assert _model_refs(RecoverSettings(distill_from="none")) == {}
+    with pytest.raises(ValueError, match="temperature"):
+        RecoverSettings(temperature=0)
