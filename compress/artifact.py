@@ -21,6 +21,7 @@ from compress.kinds import TORCH_FP32, Kind
 from compress.sysinfo import library_versions
 
 MANIFEST = "compress.json"
+STAGE_RECORD = "stage.json"  # the pipeline's record beside the manifest: the stage's cache key and input
 WEIGHTS = "model.safetensors"
 GRAPH = "model.onnx"
 GRAPH_DATA = "model.onnx_data"  # external weights of a graph over 2 GB; the graph refers to it by this name

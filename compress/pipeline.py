@@ -18,7 +18,7 @@ import yaml
 import compress
 from compress import models
 from compress.arch import is_text_stream
-from compress.artifact import Artifact, read_manifest, tokenizer_fingerprint
+from compress.artifact import STAGE_RECORD, Artifact, read_manifest, tokenizer_fingerprint
 from compress.context import Context
 from compress.data import TaskData, build_eval_set, load_task_data
 from compress.errors import CompressError, OutDirError, RecipeError
@@ -51,7 +51,6 @@ from compress.sysinfo import library_versions, machine_info
 log = logging.getLogger("compress")
 RUN_FORMAT = "compress-run/2"
 RUN_MANIFEST = "manifest.json"
-STAGE_RECORD = "stage.json"
 GGUF_NOTE = ("smollm2-135m is dequantized from a Q4_1 GGUF: its 'fp32' weights lie on a 4-bit grid, so its "
              "int8 results need not match what int8 does to a model trained in full precision.")
 
@@ -305,7 +304,9 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
         if parent is None and stage.kind.format == "onnx" and stage.name != onnx_reference:
             parent = onnx_reference  # an ONNX row made from a compressed torch model vs the uncompressed graph
         variants.append(Variant(stage.name, stage.directory, stage.kind.format, stage.kind.precision, parent))
-    evals = runner.eval_set(Artifact.load(stages[-1].directory).tokenizer)
+    from transformers import AutoTokenizer
+
+    evals = runner.eval_set(AutoTokenizer.from_pretrained(stages[-1].directory))  # not the whole model
     results = run_bench(variants, evals, recipe.bench, reference, quiet=quiet)
     results["data"] = {"eval_rows": len(evals), **evals.meta, **data.notes}
     notes = [(f"Baseline: {reference} (the uncompressed model); 'From' is the row each one was made from on the "

@@ -5,10 +5,10 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-from compress.artifact import MANIFEST
+from compress.artifact import MANIFEST, STAGE_RECORD
 
-# Records of how the artifact was made (the pipeline's stage.json beside the manifest), not deployed.
-RECORDS = {MANIFEST, "stage.json"}
+# Records of how the artifact was made, not deployed.
+RECORDS = {MANIFEST, STAGE_RECORD}
 # An exported stage still carries the torch weights beside the graph, and a torch one may carry a graph.
 NOT_DEPLOYED = {"onnx": (".safetensors", ".bin"), "torch": (".onnx", ".onnx_data")}
 CHUNK = 1 << 20

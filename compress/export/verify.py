@@ -14,6 +14,7 @@ from compress.settings import FloatTolerance, QuantTolerance
 
 # Causal LM logits are [B, L, vocab]: keep each compared batch small.
 VERIFY_BATCH = 4
+VERIFY_THREADS = 2  # ONNX Runtime threads of the sessions that verify a pass's graph
 
 
 def reference_logits(runner: Any, evalset: EvalSet) -> list[np.ndarray]:

@@ -34,7 +34,7 @@ def run(artifact: Artifact, step: DistillStep, ctx: Context) -> Artifact:
         raise RecipeError(f"distill.teacher: {step.teacher} has another vocabulary than the model it teaches; "
                           "teacher and student must share a tokenizer")
     teacher = teacher_artifact.model.eval()
-    student, made = build_student(step, teacher, ctx)
+    student, made = build_student(step, teacher_artifact, ctx)
     loss = distill_loss(step, student, teacher)
     attention = {model: model.config._attn_implementation for model in (student, teacher)}
     if loss.needs_attentions:  # sdpa kernels return no attention maps
@@ -65,12 +65,12 @@ def run(artifact: Artifact, step: DistillStep, ctx: Context) -> Artifact:
     return artifact.evolve(step_record(step, **effect), model=student, config=student.config)
 
 
-def build_student(step: DistillStep, teacher: Any, ctx: Context) -> tuple[Any, dict[str, Any]]:
+def build_student(step: DistillStep, teacher_artifact: Artifact, ctx: Context) -> tuple[Any, dict[str, Any]]:
     """The student model and a record of how it was made."""
-    spec = step.student
+    spec, teacher = step.student, teacher_artifact.model
     if spec.model is not None:
         chosen = ctx.model(spec.model)
-        if not same_vocabulary(chosen.tokenizer, ctx.model(step.teacher).tokenizer):
+        if not same_vocabulary(chosen.tokenizer, teacher_artifact.tokenizer):
             raise RecipeError(f"distill.student.model: {spec.model} has another vocabulary than the teacher")
         student = copy.deepcopy(chosen.model)
         return student.train(), {"from": spec.model, "layers": _depth(student)}

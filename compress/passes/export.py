@@ -8,10 +8,8 @@ from compress.artifact import GRAPH, Artifact, graph_files, step_record
 from compress.context import Context
 from compress.eval.runners import OrtRunner, TorchRunner
 from compress.export.onnx import export_onnx, graph_runtime
-from compress.export.verify import reference_logits, verify_logits
+from compress.export.verify import VERIFY_THREADS, reference_logits, verify_logits
 from compress.recipe import ExportStep
-
-VERIFY_THREADS = 2
 
 
 def run(artifact: Artifact, step: ExportStep, ctx: Context) -> Artifact:

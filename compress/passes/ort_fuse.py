@@ -10,10 +10,8 @@ from compress.context import Context
 from compress.errors import NothingToDo
 from compress.eval.runners import OrtRunner
 from compress.export.onnx import fuse_for_onnxruntime, graph_runtime
-from compress.export.verify import reference_logits, verify_logits
+from compress.export.verify import VERIFY_THREADS, reference_logits, verify_logits
 from compress.recipe import OrtFuseStep
-
-VERIFY_THREADS = 2
 
 
 def run(artifact: Artifact, step: OrtFuseStep, ctx: Context) -> Artifact:

@@ -12,10 +12,8 @@ from compress.eval.metrics import evaluate
 from compress.eval.runners import OrtRunner
 from compress.export.onnx import graph_runtime
 from compress.export.quantize import quantize_dynamic_int8
-from compress.export.verify import verify_quantized
+from compress.export.verify import VERIFY_THREADS, verify_quantized
 from compress.recipe import PTQStep
-
-EVAL_THREADS = 2
 
 
 def run(artifact: Artifact, step: PTQStep, ctx: Context) -> Artifact:
@@ -28,8 +26,8 @@ def run(artifact: Artifact, step: PTQStep, ctx: Context) -> Artifact:
         raise NothingToDo(f"ptq: no weight was quantized (keep_fp32 {step.keep_fp32} kept "
                           f"{quantized['kept_fp32_nodes']} nodes in fp32); a graph labelled int8 must hold int8 weights")
     evalset = ctx.eval_set(artifact.tokenizer).take(step.verify.samples)
-    before = evaluate(OrtRunner(source, threads=EVAL_THREADS), evalset, progress=not ctx.quiet)
-    after = evaluate(OrtRunner(target, threads=EVAL_THREADS), evalset, progress=not ctx.quiet)
+    before = evaluate(OrtRunner(source, threads=VERIFY_THREADS), evalset, progress=not ctx.quiet)
+    after = evaluate(OrtRunner(target, threads=VERIFY_THREADS), evalset, progress=not ctx.quiet)
     measured = verify_quantized(before, after, evalset, step.verify, TASKS[artifact.task].higher_is_better)
     effect = {**quantized, "reduce_range": reduce_range, **measured,
               "seconds": round(time.perf_counter() - started, 2)}
