@@ -17,7 +17,7 @@ from typing import Any
 
 from compress.arch import is_text_stream
 from compress.errors import ArtifactError
-from compress.kinds import TORCH_FP32, Kind
+from compress.kinds import QUANTIZED_TORCH, TORCH_FP32, Kind
 from compress.sysinfo import library_versions
 
 MANIFEST = "compress.json"
@@ -27,6 +27,11 @@ GRAPH = "model.onnx"
 GRAPH_DATA = "model.onnx_data"  # external weights of a graph over 2 GB; the graph refers to it by this name
 FORMAT = "compress-artifact/2"
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+QUANTIZATION = "quantization.json"  # quantized torch kinds: which modules hold quantized weights, and how
+# The module that rebuilds each quantized torch kind: `quantization_spec(model)` -> JSON, and
+# `apply_quantization_spec(model, spec)` swaps those modules in (empty) so the saved tensors load into them.
+QUANTIZED_MODULES = {"fake-quant": "compress.algos.fake_quant", "int8-weight-only": "compress.algos.weight_only",
+                     "int4-weight-only": "compress.algos.weight_only"}
 
 
 @dataclass
@@ -63,7 +68,9 @@ class Artifact:
         self._check_holds_its_kind()
         self.config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        if self.format == "torch":
+        if self.kind.weights in QUANTIZED_TORCH:
+            _save_quantized(self.model, self.kind, directory)
+        elif self.format == "torch":
             self.model.save_pretrained(directory, safe_serialization=True)
         else:
             _copy_graph(Path(self.onnx_path), directory)
@@ -89,7 +96,9 @@ class Artifact:
         manifest = read_manifest(directory)
         kind = Kind.from_json(manifest["kind"])
         model = onnx_path = None
-        if kind.format == "torch":
+        if kind.weights in QUANTIZED_TORCH:
+            model = _load_quantized(directory, manifest["task"], kind)
+        elif kind.format == "torch":
             dtype = TORCH_DTYPES.get(kind.weights, "float32")
             model = auto_class(manifest["task"]).from_pretrained(directory, dtype=dtype).eval()
         else:
@@ -183,6 +192,35 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _save_quantized(model: Any, kind: Kind, directory: Path) -> None:
+    """Our own safetensors file: the libraries' quantized modules save by pickling, which we never load."""
+    from importlib import import_module
+
+    from safetensors.torch import save_model
+
+    spec = import_module(QUANTIZED_MODULES[kind.weights]).quantization_spec(model)
+    save_model(model, str(directory / WEIGHTS))
+    (directory / QUANTIZATION).write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def _load_quantized(directory: Path, task: str, kind: Kind) -> Any:
+    from importlib import import_module
+
+    from safetensors.torch import load_model
+    from transformers import AutoConfig
+
+    from compress.arch import auto_class
+
+    try:
+        spec = json.loads((directory / QUANTIZATION).read_text())
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{directory / QUANTIZATION}: unreadable ({err}); a {kind.describe()} stage needs it")
+    model = auto_class(task).from_config(AutoConfig.from_pretrained(directory))
+    import_module(QUANTIZED_MODULES[kind.weights]).apply_quantization_spec(model, spec)
+    load_model(model, str(directory / WEIGHTS))
+    return model.eval()
 
 
 def _copy_graph(graph: Path, directory: Path) -> None:

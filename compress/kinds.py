@@ -14,17 +14,20 @@ from typing import Any
 FORMATS = ("torch", "onnx")
 # Weight schemes. Torch: float dtypes, fake-quant (QAT modules with learned scales), weight-only integers
 # (neural-compressor / torchao tensors). ONNX: float, int8 integer ops (dynamic quantization), int8 QDQ
-# pairs (static quantization, QAT export), 4-bit MatMulNBits.
+# pairs (static quantization, QAT export), weight-only MatMulNBits (4 or 8 bits, ONNX Runtime only).
 FLOAT_WEIGHTS = ("fp32", "fp16", "bf16")
 WEIGHTS = {
     "torch": (*FLOAT_WEIGHTS, "fake-quant", "int8-weight-only", "int4-weight-only"),
-    "onnx": (*FLOAT_WEIGHTS, "int8-dynamic", "int8-qdq", "int4-matmulnbits"),
+    "onnx": (*FLOAT_WEIGHTS, "int8-dynamic", "int8-qdq", "int4-matmulnbits", "int8-matmulnbits"),
 }
 SPARSITY = (None, "masks", "zeros")  # masks: zeros held by masks (still trainable); zeros: made permanent
 RUNTIMES = ("portable", "onnxruntime")  # portable: default-domain ONNX ops only
 PRECISION = {"int8-dynamic": "int8", "int8-qdq": "int8", "int8-weight-only": "int8", "int4-weight-only": "int4",
-             "int4-matmulnbits": "int4"}
-DESCRIPTION = {"int8-dynamic": "int8 (integer ops)", "int8-qdq": "int8 (QDQ)", "int4-matmulnbits": "int4 (MatMulNBits)"}
+             "int4-matmulnbits": "int4", "int8-matmulnbits": "int8"}
+DESCRIPTION = {"int8-dynamic": "int8 (integer ops)", "int8-qdq": "int8 (QDQ)", "int4-matmulnbits": "int4 (MatMulNBits)",
+               "int8-matmulnbits": "int8 (MatMulNBits)", "int4-weight-only": "int4 weight-only",
+               "int8-weight-only": "int8 weight-only"}
+QUANTIZED_TORCH = ("fake-quant", "int8-weight-only", "int4-weight-only")  # saved with their quantization state
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from compress.settings import (
     KDLoss,
     ModelRef,
     QuantTolerance,
+    RecoverSettings,
     Strict,
     TrainSettings,
 )
@@ -163,15 +164,27 @@ class ExportStep(Step):
     kind: Literal["export"] = "export"
     compresses: ClassVar[bool] = False
     opset: int = Field(17, ge=14, le=21)
-    verify: FloatTolerance = FloatTolerance()
+    verify: FloatTolerance = FloatTolerance()  # float models: elementwise against torch
+    # Quantized torch models (QAT, weight-only) against their torch model, by task metric and agreement.
+    verify_quantized: QuantTolerance = QuantTolerance()
+    # Causal LM: the graph also takes and returns the attention keys and values, so generation reuses them
+    # (time to first token, ms per generated token); perplexity runs it with an empty cache.
+    kv_cache: bool = False
+
+    def check_task(self, task: str) -> None:
+        if self.kv_cache and not is_text_stream(task):
+            raise ValueError("kv_cache: only a causal LM generates; leave it off for this task")
 
     def output_kind(self, given: Kind) -> Kind:
         if given.format != "torch":
             raise StepRejects("it is already an ONNX graph")
-        if not given.is_float:
-            raise StepRejects(f"no ONNX exporter handles {given.weights} torch weights; export the float model "
-                              "and quantize the graph (ptq) instead")
-        return Kind("onnx", given.weights, sparsity="zeros" if given.sparsity else None)
+        sparsity = "zeros" if given.sparsity else None
+        if given.weights == "fake-quant":  # QuantizeLinear/DequantizeLinear pairs with the learned scales
+            return Kind("onnx", "int8-qdq", sparsity=sparsity)
+        if given.weights.endswith("weight-only"):  # lowered to MatMulNBits with the same integers and scales
+            bits = given.weights.split("-")[0]
+            return Kind("onnx", f"{bits}-matmulnbits", sparsity=sparsity, runtime="onnxruntime")
+        return Kind("onnx", given.weights, sparsity=sparsity)
 
 
 class OrtFuseStep(Step):
@@ -192,33 +205,144 @@ class OrtFuseStep(Step):
         return given.evolve(runtime="onnxruntime")
 
 
+class Calibration(Strict):
+    """Rows the quantizer observes to choose activation ranges (static int8, QAT) or to correct weights (GPTQ,
+    AWQ): a seeded sample of `data.calib` (default: of the training rows), never the eval set."""
+
+    samples: PositiveInt = 256  # fewer available: a warning, and all of them are used
+    batch_size: PositiveInt = 8
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"  # static int8: how a range is chosen
+    percentile: float = Field(99.999, gt=50, le=100)  # method percentile: the share of values kept in range
+
+
+class Fallback(Strict):
+    """Keep the most sensitive layers in float until the validation metric drops by at most `max_drop`."""
+
+    max_drop: float = Field(ge=0)  # accuracy points as a fraction; perplexity: relative rise
+    max_layers: PositiveInt | None = None  # never keep more than this many layers in float
+
+
+# The settings each `ptq` mode reads; setting another mode's field is a recipe error naming it.
+PTQ_FIELDS = {
+    "dynamic": {"per_channel", "reduce_range", "weight_type", "keep_fp32", "quantize_embeddings", "sensitivity",
+                "fallback"},
+    "static": {"per_channel", "reduce_range", "weight_type", "activation_type", "calibration", "keep_fp32",
+               "quantize_embeddings", "sensitivity", "fallback"},
+    "weight-only": {"bits", "method", "block_size", "symmetric", "accuracy_level", "calibration", "keep_fp32",
+                    "quantize_embeddings"},
+    "fp16": {"keep_fp32"},
+}
+PTQ_COMMON = {"kind", "from_", "mode", "verify"}
+
+
 class PTQStep(Step):
-    """Post-training quantization of the ONNX graph with ONNX Runtime."""
+    """Post-training quantization of the ONNX graph with ONNX Runtime's tools.
+
+    dynamic: int8 weights, activations quantized per batch at run time (integer ops). static: int8 QDQ with
+    activation ranges calibrated beforehand. weight-only: 4- or 8-bit MatMulNBits (RTN, GPTQ or HQQ), the
+    decoder's route. fp16: half-precision weights and activations, for GPUs and runtimes with fp16 kernels.
+    """
 
     kind: Literal["ptq"] = "ptq"
-    mode: Literal["dynamic"] = "dynamic"
-    dtype: Literal["int8"] = "int8"
+    mode: Literal["dynamic", "static", "weight-only", "fp16"] = "dynamic"
     per_channel: bool = True
     # 7-bit weights avoid u8s8 saturation on CPUs without VNNI; auto: only on such a CPU.
-    reduce_range: bool | Literal["auto"] = False
-    keep_fp32: list[Annotated[str, Field(min_length=1)]] = []  # node-name fragments kept fp32, e.g. [down_proj]
+    reduce_range: bool | Literal["auto"] = "auto"
+    weight_type: Literal["auto", "int8", "uint8"] = "auto"  # auto: chosen for this CPU and recorded
+    activation_type: Literal["auto", "int8", "uint8"] = "auto"  # static: auto chosen for this CPU and recorded
+    calibration: Calibration = Calibration()
+    quantize_embeddings: bool = True  # the embedding Gather too, where the runtime has a kernel for it
+    keep_fp32: list[Annotated[str, Field(min_length=1)]] = []  # node-name fragments kept in float, e.g. [down_proj]
+    sensitivity: bool = False  # rank layers by the validation metric change when each alone is quantized
+    fallback: Fallback | None = None  # keep the most sensitive layers in float within a validation budget
+    bits: Literal[4, 8] = 4  # weight-only
+    method: Literal["rtn", "gptq", "hqq"] = "rtn"  # weight-only; AWQ: the `quantize` step (torch level)
+    # 32: ONNX Runtime's default and the finer grid small models need; llm-int4 uses 128, the published setting.
+    block_size: int = Field(32, ge=16)
+    symmetric: bool = True  # weight-only: no zero points
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPUs)
     verify: QuantTolerance = QuantTolerance()
+
+    @model_validator(mode="after")
+    def _fields_of_mode(self) -> PTQStep:
+        stray = sorted(self.model_fields_set - PTQ_FIELDS[self.mode] - PTQ_COMMON)
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: not a setting of ptq mode {self.mode!r} "
+                             f"(it reads: {', '.join(sorted(PTQ_FIELDS[self.mode]))})")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16 (got {self.block_size})")
+        return self
+
+    @property
+    def needs_data(self) -> tuple[str, ...]:
+        calibrates = self.mode == "static" or (self.mode == "weight-only" and self.method == "gptq")
+        return ("calib",) if calibrates else ()
 
     def output_kind(self, given: Kind) -> Kind:
         if given.format != "onnx":
             raise StepRejects("ptq quantizes an ONNX graph; add an 'export' step before it")
-        if not given.is_float:
-            raise StepRejects(f"the graph is already quantized ({given.precision}); quantize the float graph "
+        if not given.is_float or given.weights != "fp32":
+            raise StepRejects(f"the graph is already {given.precision}; quantize the fp32 graph "
                               "(branch from it with 'from')")
-        return given.evolve(weights="int8-dynamic")
+        if self.mode == "fp16":
+            return given.evolve(weights="fp16")
+        if self.mode == "weight-only":
+            return given.evolve(weights=f"int{self.bits}-matmulnbits", runtime="onnxruntime")
+        return given.evolve(weights="int8-dynamic" if self.mode == "dynamic" else "int8-qdq")
 
     def resolved_reduce_range(self) -> bool:
         return (not has_vnni()) if self.reduce_range == "auto" else self.reduce_range
 
     def key_facts(self) -> dict[str, Any]:
-        if self.reduce_range != "auto":
+        if "auto" not in (self.reduce_range, self.weight_type, self.activation_type):
             return {}
         return {"reduce_range": self.resolved_reduce_range(), "isa": machine_info()["isa"]}
+
+
+class QATStep(RecoverSettings, Step):
+    """Quantization-aware training: fake-quant Linear layers (per-channel symmetric int8 weights, per-tensor
+    activations, straight-through gradients) trained on the task loss, distilled from the model before QAT by
+    default. `export` then writes a QDQ graph with the learned scales."""
+
+    kind: Literal["qat"] = "qat"
+    needs_data: ClassVar[tuple[str, ...]] = ("train",)
+    lr: float = Field(2e-5, gt=0, lt=1)
+    per_channel: bool = True
+    keep_fp32: list[Annotated[str, Field(min_length=1)]] = []  # module-name fragments left in float
+    calibration: Calibration = Calibration()  # the activations' first ranges, before training moves them
+
+    @property
+    def reads_labels(self) -> bool:
+        return self.distill_from == "none" or self.alpha < 1
+
+    def output_kind(self, given: Kind) -> Kind:
+        _torch_float("qat", given)
+        return given.evolve(weights="fake-quant")
+
+
+class QuantizeStep(Step):
+    """Torch-level weight-only quantization (neural-compressor: RTN, GPTQ, AWQ) of the Linear layers: a torch
+    artifact that saves, reloads and evaluates; `export` lowers it to MatMulNBits with the same integers."""
+
+    kind: Literal["quantize"] = "quantize"
+    backend: Literal["neural-compressor"] = "neural-compressor"
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
+    bits: Literal[4, 8] = 4
+    group_size: PositiveInt = 128  # must divide every quantized layer's input features
+    symmetric: bool = True
+    calibration: Calibration = Calibration(samples=128)  # gptq and awq
+    keep_fp32: list[Annotated[str, Field(min_length=1)]] = ["lm_head"]  # module-name fragments left in float
+    verify: QuantTolerance = QuantTolerance()
+
+    @property
+    def needs_data(self) -> tuple[str, ...]:
+        return () if self.method == "rtn" else ("calib",)
+
+    def output_kind(self, given: Kind) -> Kind:
+        if given.format != "torch" or not given.is_float:
+            raise StepRejects(f"quantize works on a float torch model, not {given.describe()}"
+                              + ("" if given.format == "torch" else "; for an ONNX graph use ptq mode weight-only"))
+        return given.evolve(weights=f"int{self.bits}-weight-only")
 
 
 class StudentSpec(Strict):
@@ -273,7 +397,8 @@ class DistillStep(KDLoss, TrainSettings, Step):
         return given
 
 
-AnyStep = Annotated[FinetuneStep | ExportStep | OrtFuseStep | PTQStep | DistillStep, Field(discriminator="kind")]
+AnyStep = Annotated[FinetuneStep | ExportStep | OrtFuseStep | PTQStep | DistillStep | QATStep | QuantizeStep,
+                    Field(discriminator="kind")]
 
 
 class Recipe(Strict):
