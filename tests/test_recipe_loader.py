@@ -60,7 +60,7 @@ def test_override_goes_through_the_same_validation(tmp_path):
     [
         ("steps.0.epochs=-1", "steps[0].epochs: Input should be greater than 0"),
         ("steps.0.lr=fast", "steps[0].lr: Input should be a valid number"),
-        ("steps.2.mode=static", "steps[2].mode: Input should be 'dynamic'"),
+        ("steps.2.mode=int3", "steps[2].mode: Input should be 'dynamic'"),
         ("task=translation", "task: Input should be 'sequence-classification' or 'causal-lm'"),
         ("steps.0.kind=finetun", "steps[0].kind: unknown step kind 'finetun'; did you mean 'finetune'?"),
         ("data.train.textt=x", "data.train.textt: unknown field; did you mean 'text'?"),
