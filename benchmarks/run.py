@@ -9,6 +9,8 @@
     python benchmarks/run.py llm-distill  # SmolLM2-135M into 15 of its 30 blocks (pipelines/llm-distill.yaml)
     python benchmarks/run.py distill-ablation  # hard labels / + logit / + hidden / + attention KD, two seeds
     python benchmarks/run.py distill-speed     # samples/s of the distill step, fp32 vs bf16 autocast
+    python benchmarks/run.py quant        # pipelines/bits.yaml (every precision) + optimum's ORTQuantizer, one bench
+    python benchmarks/run.py llm-int4     # SmolLM2-135M 4-bit g128 (RTN, GPTQ, AWQ; ONNX weight-only) on WikiText-2
     python benchmarks/run.py all
 """
 
@@ -22,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from quant import encoder_quant  # benchmarks/quant.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -242,6 +246,10 @@ def main(which: str) -> None:
                                           "Decoder distillation (SmolLM2-135M into every other block)", [GGUF_NOTE]),
         "distill-ablation": lambda w: distill_ablation(),
         "distill-speed": lambda w: distill_speed(),
+        "quant": lambda w: encoder_quant(w, _section),
+        "llm-int4": lambda w: pipeline(
+            "pipelines/llm-int4.yaml", "llm-int4", "Decoder 4-bit weight-only (SmolLM2-135M, WikiText-2 test)",
+            [GGUF_NOTE], (f"data.eval.path={_shared('wikitext2/wiki.test.raw')}",)),
     }
     for key in jobs if which == "all" else [which]:
         with tempfile.TemporaryDirectory(prefix=f"bench-{key}-") as workdir:

@@ -31,8 +31,8 @@ class PlannedStage:
     stage_refs: dict[str, str] = field(default_factory=dict)  # "@input", "@finetune", ... -> the stage named
 
 
-def stage_name(index: int, kind: str) -> str:
-    return f"{index:02d}-{kind}"
+def stage_name(index: int, name: str) -> str:
+    return f"{index:02d}-{name}"
 
 
 def plan_stages(steps: list[Any]) -> list[PlannedStage]:
@@ -47,15 +47,16 @@ def plan_stages(steps: list[Any]) -> list[PlannedStage]:
             kind = step.output_kind(source.kind)
         except StepRejects as why:
             raise ValueError(f"{where} would receive {source.kind.describe()} from {source.name}: {why}") from None
-        stages.append(PlannedStage(stage_name(index, step.kind), step, source.name, kind, refs))
+        stages.append(PlannedStage(stage_name(index, step.name or step.kind), step, source.name, kind, refs))
     return stages
 
 
 def resolve_stage(ref: str, stages: list[PlannedStage], where: str) -> PlannedStage:
-    """'@01-export' names a stage; '@export' the last stage made by an export step; '@base' the base model."""
+    """'@01-export' names a stage; '@export' the last stage made by an export step (or named 'export');
+    '@base' the base model."""
     wanted = ref.removeprefix("@")
     for stage in reversed(stages):
-        if stage.name == wanted or (stage.step is not None and stage.step.kind == wanted):
+        if stage.name == wanted or (stage.step is not None and wanted in (stage.step.kind, stage.step.name)):
             return stage
     names = ", ".join(stage.name for stage in stages)
     raise ValueError(f"{where}: {ref!r} names no earlier stage (earlier: {names})")

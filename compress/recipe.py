@@ -97,6 +97,8 @@ class Step(Strict):
 
     model_config = ConfigDict(populate_by_name=True)
     from_: StageRef | None = Field(None, alias="from")  # input stage; default: the previous step's
+    # The stage's name after its number (default: the step's kind), e.g. 05-int8-static; '@int8-static' names it.
+    name: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]*$", max_length=40)
     compresses: ClassVar[bool] = True  # False: its output can still be the benchmark's baseline
     needs_data: ClassVar[tuple[str, ...]] = ()  # recipe data this step reads: "train", "calib"
 
@@ -232,7 +234,7 @@ PTQ_FIELDS = {
                     "quantize_embeddings"},
     "fp16": {"keep_fp32"},
 }
-PTQ_COMMON = {"kind", "from_", "mode", "verify"}
+PTQ_COMMON = {"kind", "from_", "name", "mode", "verify"}
 
 
 class PTQStep(Step):

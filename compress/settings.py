@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 from compress.sysinfo import machine_info
 
@@ -77,7 +77,18 @@ class BenchConfig(Strict):
     runs: int = Field(100, ge=10)  # timed runs per variant, spread over the rounds
     rounds: int = Field(3, ge=3)  # variants are timed interleaved: A B C, A B C, ...
     real_length_samples: int = Field(100, ge=0)  # eval rows timed at their own length, batch 1
+    # Causal LMs that can generate (torch; ONNX exported with kv_cache): greedy generations after a prompt of
+    # seq_len real tokens, timed to the first token and per token after it.
+    new_tokens: int = Field(32, ge=2)
+    generation_runs: int = Field(10, ge=3)  # timed generations per variant, spread over the rounds
     timeout_s: int = Field(900, ge=10)  # a worker that does not answer a request within this is stopped
+
+    @model_validator(mode="after")
+    def _every_round_times_every_variant(self) -> BenchConfig:
+        for field in ("runs", "generation_runs"):
+            if getattr(self, field) < self.rounds:
+                raise ValueError(f"{field} ({getattr(self, field)}) must be at least rounds ({self.rounds})")
+        return self
 
 
 class KDLoss(Strict):

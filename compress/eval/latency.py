@@ -1,4 +1,5 @@
-"""Wall-clock latency: timed runs in a worker, and their summary over interleaved rounds in the parent."""
+"""Wall-clock latency: timed runs in a worker (forward passes, or generations timed per token), and their
+summary over interleaved rounds in the parent."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from compress.eval.runners import greedy_tokens
 
 if TYPE_CHECKING:
     from compress.eval.runners import Runner
@@ -24,6 +27,25 @@ def time_runs(runner: Runner, inputs: list[dict[str, np.ndarray]], warmup: int, 
         runner.logits(features)
         timings_ms.append((time.perf_counter() - start) * 1000)
     return timings_ms
+
+
+def time_generation(runner: Runner, input_ids: np.ndarray, new_tokens: int, warmup: int,
+                    runs: int) -> dict[str, list[float]]:
+    """Greedy generations of `new_tokens` after the prompt `input_ids`, `warmup` untimed first. For each timed
+    one: the milliseconds to its first token (the prompt's prefill) and per token after that (the mean decode
+    step)."""
+    if new_tokens < 2 or runs < 1:
+        raise ValueError("generation timing needs at least two new tokens and one timed run")
+    for _ in range(warmup):
+        for _ in greedy_tokens(runner, input_ids, new_tokens):
+            pass
+    timings: dict[str, list[float]] = {"ttft_ms": [], "per_token_ms": []}
+    for _ in range(runs):
+        start = time.perf_counter()
+        arrivals = [time.perf_counter() for _ in greedy_tokens(runner, input_ids, new_tokens)]
+        timings["ttft_ms"].append((arrivals[0] - start) * 1000)
+        timings["per_token_ms"].append((arrivals[-1] - arrivals[0]) / (new_tokens - 1) * 1000)
+    return timings
 
 
 def summarize(rounds: list[list[float]]) -> dict:

@@ -10,8 +10,9 @@ from typing import Any
 
 import onnx
 
-from compress.arch import TASKS, family
+from compress.arch import TASKS, family, is_text_stream
 from compress.artifact import GRAPH, GRAPH_DATA, graph_files
+from compress.errors import BadInput
 
 # Measured on MiniLM-L6 (2 threads, batch 1, seq 128, AVX2): the Python fusions alone (level 0) run as fast
 # as with ORT's level-1/2 rewrites first, and as optimum's ORTOptimizer at level 2 (the session applies those
@@ -20,10 +21,15 @@ from compress.artifact import GRAPH, GRAPH_DATA, graph_files
 FUSION_OPT_LEVEL = 0
 
 
-def export_onnx(model: Any, task: str, out_path: Path, opset: int) -> Path:
-    """Write `model` as an fp32 ONNX graph (no KV cache for causal LMs) to `out_path`; the weights of a graph
-    over 2 GB go to `model.onnx_data` beside it."""
+def export_onnx(model: Any, task: str, out_path: Path, opset: int, kv_cache: bool = False) -> Path:
+    """Write `model` as an fp32 ONNX graph to `out_path`; the weights of a graph over 2 GB go to
+    `model.onnx_data` beside it. With `kv_cache` (causal LMs) the one graph also takes `past_key_values.*`
+    inputs and returns `present.*` outputs, so a generator can feed each step's cache to the next."""
     from optimum.exporters.onnx import onnx_export_from_model
+
+    if kv_cache and not is_text_stream(task):
+        raise BadInput(f"kv_cache: only a causal LM generates, not a {task} model")
+    optimum_task = TASKS[task].optimum_task + ("-with-past" if kv_cache else "")
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,8 +39,7 @@ def export_onnx(model: Any, task: str, out_path: Path, opset: int) -> Path:
         try:
             with warnings.catch_warnings():  # tracer chatter about Python-side shapes; verification is the check
                 warnings.simplefilter("ignore")
-                onnx_export_from_model(model, scratch, opset=opset, task=TASKS[task].optimum_task,
-                                       do_validation=False)
+                onnx_export_from_model(model, scratch, opset=opset, task=optimum_task, do_validation=False)
         finally:
             if use_cache is not None:  # optimum's model patcher switches the cache off in the live config for good
                 model.config.use_cache = use_cache
