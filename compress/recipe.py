@@ -296,7 +296,8 @@ class PTQStep(Step):
         return (not has_vnni()) if self.reduce_range == "auto" else self.reduce_range
 
     def key_facts(self) -> dict[str, Any]:
-        if "auto" not in (self.reduce_range, self.weight_type, self.activation_type):
+        decided_here = ("reduce_range", "weight_type", "activation_type")
+        if not any(getattr(self, name) == "auto" for name in decided_here if name in PTQ_FIELDS[self.mode]):
             return {}
         return {"reduce_range": self.resolved_reduce_range(), "isa": machine_info()["isa"]}
 

@@ -30,6 +30,7 @@ class Shrink:
 
     kind: str = "shrink"
     from_: str | None = None
+    name: str | None = None
     teacher: str = "@input"
     compresses: bool = True
     refs: dict = field(default_factory=dict)
@@ -118,8 +119,20 @@ def test_ptq_reduce_range_auto_follows_the_cpu_and_enters_the_key(monkeypatch):
     assert ptq.resolved_reduce_range() is True and ptq.key_facts()["reduce_range"] is True
     monkeypatch.setattr(recipe, "has_vnni", lambda: True)
     assert ptq.resolved_reduce_range() is False and "isa" in ptq.key_facts()
-    (fixed,) = steps({"kind": "export"}, {"kind": "ptq", "reduce_range": True})[1:]
+    (fixed,) = steps({"kind": "export"}, {"kind": "ptq", "reduce_range": True, "weight_type": "int8"})[1:]
     assert fixed.key_facts() == {}
+
+
+def test_steps_may_name_their_stages_and_be_referred_to_by_that_name():
+    stages = plan_stages(steps({"kind": "export"}, {"kind": "ptq", "name": "int8-static", "mode": "static"},
+                               {"kind": "ptq", "name": "int4", "mode": "weight-only", "from": "@export"},
+                               {"kind": "ort-fuse", "from": "@00-export"}))
+    assert [s.name for s in stages[1:4]] == ["00-export", "01-int8-static", "02-int4"]
+    assert stages[2].kind.weights == "int8-qdq" and stages[3].input == "00-export"
+    with pytest.raises(ValueError, match=r"steps\[4\] \(ptq\) would receive ONNX int8 \(QDQ\) from 01-int8-static"):
+        plan_stages(steps({"kind": "export"}, {"kind": "ptq", "name": "int8-static", "mode": "static"},
+                          {"kind": "ptq", "name": "int4", "mode": "weight-only", "from": "@export"},
+                          {"kind": "ort-fuse", "from": "@00-export"}, {"kind": "ptq", "from": "@int8-static"}))
 
 
 def test_stage_names_allow_digits_and_hyphens_in_kinds():
