@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from compress.arch import is_text_stream
 from compress.eval.latency import summarize
 from compress.eval.metrics import compare_paired
 from compress.eval.size import deployed_files, disk_size
@@ -21,6 +22,10 @@ from compress.sysinfo import library_versions, machine_info
 METRIC_BATCH_SIZE = 32
 # The inputs every variant is timed on, as the worker names them, and the row column each one fills.
 LATENCY_COLUMNS = {"fixed": "latency_ms", "padded": "latency_padded_ms", "real": "latency_real_ms"}
+# What a generation is timed by, as the worker names it and as the row does.
+GENERATION_COLUMNS = ("ttft_ms", "per_token_ms")
+# One whole generation warms a variant up again after the others have taken the caches: it runs every step.
+GENERATION_WARMUP = 1
 
 
 @dataclass
@@ -34,15 +39,16 @@ class Variant:
 
 def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, baseline: str, quiet: bool = False) -> dict:
     """Metric, latency, size and peak memory of every variant, with speed-ups and metric change vs `baseline`
-    and vs each variant's parent."""
+    and vs each variant's parent; for a causal LM also its generation speed, or why it cannot generate."""
     _check_variants(variants, baseline)
     inputs = ["fixed", "padded"] + (["real"] if min(cfg.real_length_samples, len(evalset)) else [])
+    generation = is_text_stream(evalset.task)
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as scratch:  # the eval arrays, the workers' stderr
         evalset_path = Path(scratch) / "evalset.npz"
         evalset.save(evalset_path)
         with started_workers([v.name for v in variants], cfg.threads, cfg.timeout_s, Path(scratch)) as workers:
-            measured = _measure(workers, variants, evalset_path, inputs, cfg, quiet)
-    rows = [_row(variant, measured, baseline, cfg) for variant in variants]
+            measured = _measure(workers, variants, evalset_path, inputs, generation, cfg, quiet)
+    rows = [_row(variant, measured, baseline, generation, cfg) for variant in variants]
     if not quiet:
         for row in rows:
             tqdm.write(_summary_line(row), file=sys.stderr)
@@ -72,13 +78,14 @@ def _check_variants(variants: list[Variant], baseline: str) -> None:
 
 
 def _measure(workers: dict[str, WorkerProcess], variants: list[Variant], evalset_path: Path, inputs: list[str],
-             cfg: BenchConfig, quiet: bool) -> dict[str, dict]:
+             generation: bool, cfg: BenchConfig, quiet: bool) -> dict[str, dict]:
     for variant in variants:  # all load at once: nothing is timed yet
         workers[variant.name].send(_load_request(variant, evalset_path, cfg))
-    measured = {name: {"runtime": worker.receive()["runtime"]} for name, worker in workers.items()}
-    with tqdm(total=cfg.rounds * len(inputs) * len(workers), desc="bench latency", unit="request",
-              disable=quiet, leave=False) as bar:
-        timings = _interleaved_rounds(workers, inputs, cfg, bar)
+    measured = {name: worker.receive() for name, worker in workers.items()}
+    generating = [name for name in workers if generation and measured[name]["cannot_generate"] is None]
+    with tqdm(total=cfg.rounds * (len(inputs) * len(workers) + len(generating)), desc="bench latency",
+              unit="request", disable=quiet, leave=False) as bar:
+        timings = _interleaved_rounds(workers, inputs, generating, cfg, bar)
     for name, worker in workers.items():
         measured[name]["latency"] = {kind: summarize(rounds) for kind, rounds in timings[name].items()}
         # Before the metric's large batches, which would inflate the figure beyond what deployment needs.
@@ -94,18 +101,27 @@ def _load_request(variant: Variant, evalset_path: Path, cfg: BenchConfig) -> dic
             "real_length_samples": cfg.real_length_samples}
 
 
-def _interleaved_rounds(workers: dict[str, WorkerProcess], inputs: list[str], cfg: BenchConfig,
-                        bar: tqdm) -> dict[str, dict[str, list[list[float]]]]:
+def _interleaved_rounds(workers: dict[str, WorkerProcess], inputs: list[str], generating: list[str],
+                        cfg: BenchConfig, bar: tqdm) -> dict[str, dict[str, list[list[float]]]]:
     """Each round times every variant in turn (A B C, A B C, ...), so a machine that drifts (thermal limits,
-    other load) weighs on all variants alike instead of on whichever ran at the time."""
-    timings: dict[str, dict[str, list[list[float]]]] = {name: {kind: [] for kind in inputs} for name in workers}
-    for runs in _shares(cfg.runs, cfg.rounds):
+    other load) weighs on all variants alike instead of on whichever ran at the time. Timings are keyed by
+    input kind, then by generation column for the variants in `generating`."""
+    timings: dict[str, dict[str, list[list[float]]]] = {
+        name: {kind: [] for kind in [*inputs, *(GENERATION_COLUMNS if name in generating else ())]}
+        for name in workers}
+    for runs, generations in zip(_shares(cfg.runs, cfg.rounds), _shares(cfg.generation_runs, cfg.rounds)):
         for kind in inputs:
             for name, worker in workers.items():
                 # Warm-up in every round: the variants timed in between have taken the caches.
                 request = {"op": "latency", "inputs": kind, "warmup": cfg.warmup, "runs": runs}
                 timings[name][kind].append(worker.request(request)["timings_ms"])
                 bar.update()
+        for name in generating:
+            request = {"op": "generate", "new_tokens": cfg.new_tokens, "warmup": GENERATION_WARMUP,
+                       "runs": generations}
+            for column, values in workers[name].request(request).items():
+                timings[name][column].append(values)
+            bar.update()
     return timings
 
 
@@ -114,7 +130,7 @@ def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (index < total % parts) for index in range(parts)]
 
 
-def _row(variant: Variant, measured: dict[str, dict], baseline: str, cfg: BenchConfig) -> dict:
+def _row(variant: Variant, measured: dict[str, dict], baseline: str, generation: bool, cfg: BenchConfig) -> dict:
     own = measured[variant.name]
     metric = own["metric"]
     change = compare_paired(metric["name"], _rows(measured[baseline]), _rows(own))
@@ -137,7 +153,14 @@ def _row(variant: Variant, measured: dict[str, dict], baseline: str, cfg: BenchC
         "speedup_vs_parent": None if variant.parent is None else _speedup(measured[variant.parent], own),
         **disk_size(deployed_files(variant.artifact_dir, variant.format)),
         "peak_rss_mb": own["peak_rss_mb"],
+        **(_generation(own) if generation else {}),
     }
+
+
+def _generation(measured: dict) -> dict:
+    """Time to first token and per token after it, both None where the variant cannot generate, and why not."""
+    return {**{column: measured["latency"].get(column) for column in GENERATION_COLUMNS},
+            "cannot_generate": measured["cannot_generate"]}
 
 
 def _rows(measured: dict) -> dict[str, np.ndarray]:
@@ -150,7 +173,11 @@ def _speedup(reference: dict, measured: dict) -> float:
 
 def _summary_line(row: dict) -> str:
     metric = row["metric"]
+    generation = ""
+    if row.get("ttft_ms"):
+        generation = (f", first token {row['ttft_ms']['p50']:.2f} ms then {row['per_token_ms']['p50']:.2f} ms "
+                      "per token")
     return (
         f"bench {row['name']}: {metric['name']} {metric['value']:.4f}, p50 {row['latency_ms']['p50']:.2f} ms "
-        f"({row['speedup_vs_baseline']:.2f}x baseline), peak RSS {row['peak_rss_mb']:.0f} MiB"
+        f"({row['speedup_vs_baseline']:.2f}x baseline){generation}, peak RSS {row['peak_rss_mb']:.0f} MiB"
     )

@@ -4,14 +4,10 @@ summary over interleaved rounds in the parent."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compress.eval.runners import greedy_tokens
-
-if TYPE_CHECKING:
-    from compress.eval.runners import Runner
+from compress.eval.runners import Runner, greedy_tokens
 
 
 def time_runs(runner: Runner, inputs: list[dict[str, np.ndarray]], warmup: int, runs: int) -> list[float]:

@@ -25,8 +25,9 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
     if command:
         lines += ["Reproduce with:", "", "```", command, "```", ""]
     lines += _machine_section(results["machine"], results["bench"]["threads"])
-    lines += ["## Results", "", _method(results["bench"], results["baseline"]), ""]
-    lines += _table(results["rows"], results["baseline"])
+    generation = any("ttft_ms" in row for row in results["rows"])  # a causal LM's bench
+    lines += ["## Results", "", _method(results["bench"], results["baseline"], generation), ""]
+    lines += _table(results["rows"], results["baseline"], generation)
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     lines += ["", "## Library versions", "", *(f"- {name} {v}" for name, v in results["versions"].items())]
@@ -44,9 +45,9 @@ def _machine_section(machine: dict, threads: int) -> list[str]:
     ]
 
 
-def _method(bench: dict, baseline: str) -> str:
+def _method(bench: dict, baseline: str, generation: bool) -> str:
     batch, seq_len = bench["batch_size"], bench["seq_len"]
-    return (
+    method = (
         f"Latency in {bench['rounds']} interleaved rounds (each round times every variant in turn), "
         f"{bench['runs']} timed runs per variant and input over all rounds, after {bench['warmup']} warm-up runs "
         f"in each round. Fixed length: batch {batch} × {seq_len} real tokens (the eval rows' tokens one after "
@@ -57,14 +58,23 @@ def _method(bench: dict, baseline: str) -> str:
         f"paired-bootstrap 95 % interval over the eval rows ({BOOTSTRAP_RESAMPLES} resamples). Size: the files "
         "each variant deploys; zipped: each of them deflated (zlib level 1)."
     )
+    if generation:
+        method += (
+            f" Generation: greedy with the KV cache, batch {batch}, a prompt of {seq_len} real tokens, then "
+            f"{bench['new_tokens']} new tokens; first token ms is the prompt's prefill up to the first new token, "
+            f"ms/token the mean of the {bench['new_tokens'] - 1} steps after it; p50s over "
+            f"{bench['generation_runs']} timed generations per variant in the same interleaved rounds, after one "
+            "warm-up generation in each round."
+        )
+    return method
 
 
-def _table(rows: list[dict], baseline: str) -> list[str]:
+def _table(rows: list[dict], baseline: str, generation: bool) -> list[str]:
     metric_name = rows[0]["metric"]["name"] if rows else "metric"
     header = ["Variant", "From", "Runtime", "Precision", f"{metric_name} (Δ vs baseline, 95 % CI)",
-              "p50 ms (± spread)", "×baseline", "×parent", "padded p50 ms", "real-length p50 ms", "Size MiB",
-              "Zipped MiB", "Peak RSS MiB"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 9) + "|"]
+              "p50 ms (± spread)", "×baseline", "×parent", "padded p50 ms", "real-length p50 ms",
+              *(["first token ms", "ms/token"] if generation else []), "Size MiB", "Zipped MiB", "Peak RSS MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
     for row in rows:
         real = row["latency_real_ms"]
         cells = [
@@ -78,12 +88,20 @@ def _table(rows: list[dict], baseline: str) -> list[str]:
             "-" if row["speedup_vs_parent"] is None else f"{row['speedup_vs_parent']:.2f}x",
             f"{row['latency_padded_ms']['p50']:.2f}",
             "-" if real is None else f"{real['p50']:.2f}",
+            *(_generation_cells(row) if generation else []),
             f"{row['size_bytes'] / MIB:.1f}",
             f"{row['size_zipped_bytes'] / MIB:.1f}",
             f"{row['peak_rss_mb']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _generation_cells(row: dict) -> list[str]:
+    """Time to first token and per token after it, or why the variant cannot generate."""
+    if row["ttft_ms"] is None:
+        return [row["cannot_generate"], "-"]
+    return [f"{row['ttft_ms']['p50']:.2f}", f"{row['per_token_ms']['p50']:.2f}"]
 
 
 def _runtime_cell(runtime: dict) -> str:

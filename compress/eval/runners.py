@@ -124,8 +124,6 @@ class OrtRunner:
         return None if self.past else NO_CACHE
 
     def prefill(self, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        if not self.past:
-            raise ValueError(f"cannot generate: {NO_CACHE}")
         return self._step({"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}, None)
 
     def decode(self, tokens: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -203,6 +201,8 @@ def empty_past(shape: list[int | str | None], batch: int) -> np.ndarray:
 def greedy_tokens(runner: Runner, input_ids: np.ndarray, new_tokens: int) -> Iterator[np.ndarray]:
     """Greedy generation with the runner's cache: yields each step's new tokens [batch], the first one straight
     after the prefill of `input_ids` [batch, prompt length]."""
+    if runner.cannot_generate:
+        raise ValueError(f"cannot generate: {runner.cannot_generate}")
     tokens, cache = runner.prefill(input_ids)
     yield tokens
     for _ in range(new_tokens - 1):

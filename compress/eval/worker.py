@@ -3,9 +3,11 @@
 Usage: python -m compress.eval.worker, then one JSON request per line on stdin, one JSON reply per line on stdout:
 
   {"op": "load", "artifact_dir", "evalset", "threads", "batch_size", "seq_len", "real_length_samples"}
-                                                     -> {"runtime": {...}}
+                                                     -> {"runtime": {...}, "cannot_generate": null | "why"}
   {"op": "latency", "inputs": "fixed" | "padded" | "real", "warmup": N, "runs": N}
                                                      -> {"timings_ms": [...]}
+  {"op": "generate", "new_tokens": N, "warmup": N, "runs": N}
+                                                     -> {"ttft_ms": [...], "per_token_ms": [...]}
   {"op": "rss"}                                      -> {"peak_rss_mb": X}
   {"op": "metric", "batch_size": N}                  -> {"name", "value", "rows": {...}}
   {"op": "exit"}, or the end of stdin: the worker ends.
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from compress.eval.latency import time_runs
+from compress.eval.latency import time_generation, time_runs
 from compress.eval.metrics import evaluate
 from compress.eval.runners import Runner, load_runner
 from compress.evalset import EvalSet
@@ -37,7 +39,8 @@ class Worker:
         self.inputs: dict[str, list] = {}
 
     def handle(self, request: dict) -> dict:
-        handlers = {"load": self.load, "latency": self.latency, "rss": self.rss, "metric": self.metric}
+        handlers = {"load": self.load, "latency": self.latency, "generate": self.generate, "rss": self.rss,
+                    "metric": self.metric}
         op = request.pop("op")
         if op not in handlers:
             raise ValueError(f"unknown request {op!r}")
@@ -54,7 +57,7 @@ class Worker:
             "padded": [self.evalset.padded_inputs(batch_size, seq_len)],
             "real": self.evalset.real_length_inputs(real_length_samples),
         }
-        return {"runtime": self.runner.runtime()}
+        return {"runtime": self.runner.runtime(), "cannot_generate": self.runner.cannot_generate}
 
     def latency(self, inputs: str, warmup: int, runs: int) -> dict:
         chosen = self.inputs[inputs]
@@ -63,6 +66,10 @@ class Worker:
         # Whole cycles through the inputs, so every real-length row weighs the same in the percentiles.
         whole_cycles = -(-runs // len(chosen)) * len(chosen)
         return {"timings_ms": time_runs(self.runner, chosen, warmup, whole_cycles)}
+
+    def generate(self, new_tokens: int, warmup: int, runs: int) -> dict:
+        prompt = self.inputs["fixed"][0]["input_ids"]  # seq_len real tokens
+        return time_generation(self.runner, prompt, new_tokens, warmup, runs)
 
     def rss(self) -> dict:
         return {"peak_rss_mb": peak_rss_mb()}

@@ -54,3 +54,14 @@ def llama_onnx_dirs(tiny_causal_lm, tmp_path_factory) -> dict[str, Path]:
     finally:  # optimum switches the cache off in the live config; the model is shared by the whole session
         model.config.use_cache = use_cache
     return directories
+
+
+@pytest.fixture(scope="session")
+def llama_artifacts(tiny_causal_lm, llama_onnx_dirs, tmp_path_factory) -> dict[str, Path]:
+    """The tiny Llama as torch, and as ONNX graphs without and with the KV cache."""
+    model, tokenizer = tiny_causal_lm
+    artifacts = {"torch": Artifact("causal-lm", model.config, tokenizer, model=model, source="tiny")}
+    for name, task in (("onnx", "text-generation"), ("onnx-kv", "text-generation-with-past")):
+        artifacts[name] = Artifact("causal-lm", model.config, tokenizer, onnx_path=llama_onnx_dirs[task] / "model.onnx",
+                                   kind=Kind("onnx"), source="tiny")
+    return {name: artifact.save(tmp_path_factory.mktemp(f"llama-{name}")) for name, artifact in artifacts.items()}

@@ -22,18 +22,16 @@ ROW_KEYS = {"name", "format", "precision", "parent", "runtime", "metric", "metri
 LATENCY_KEYS = {"p50", "p90", "mean", "rounds", "spread"}
 CONFIG = BenchConfig(batch_size=2, seq_len=16, threads=1, warmup=1, runs=10, rounds=3, real_length_samples=2)
 NAMES = ["fp32-torch", "fp32-onnx", "copy-onnx"]
+LM_CONFIG = BenchConfig(batch_size=1, seq_len=8, threads=1, warmup=1, runs=10, rounds=3, real_length_samples=0,
+                        new_tokens=3, generation_runs=4)
 
 
 def children() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True)}
 
 
-@pytest.fixture(scope="module")
-def bench(bert_torch_artifact, bert_onnx_artifact, classification_evalset) -> dict:
-    """One run of three variants, with every request the parent sent, in order, and the children left after."""
-    variants = [Variant("fp32-torch", bert_torch_artifact, "torch", "fp32"),
-                Variant("fp32-onnx", bert_onnx_artifact, "onnx", "fp32"),
-                Variant("copy-onnx", bert_onnx_artifact, "onnx", "fp32", parent="fp32-onnx")]
+def recorded_bench(variants: list[Variant], evalset, config: BenchConfig) -> dict:
+    """One run, with every request the parent sent, in order, and the children left after."""
     sent: list[tuple[str, dict]] = []
     send = WorkerProcess.send
 
@@ -44,8 +42,24 @@ def bench(bert_torch_artifact, bert_onnx_artifact, classification_evalset) -> di
     before = children()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(WorkerProcess, "send", recording_send)
-        results = run_bench(variants, classification_evalset, CONFIG, baseline="fp32-torch", quiet=True)
+        results = run_bench(variants, evalset, config, baseline=variants[0].name, quiet=True)
     return {"results": results, "sent": sent, "children_left": children() - before}
+
+
+@pytest.fixture(scope="module")
+def bench(bert_torch_artifact, bert_onnx_artifact, classification_evalset) -> dict:
+    variants = [Variant("fp32-torch", bert_torch_artifact, "torch", "fp32"),
+                Variant("fp32-onnx", bert_onnx_artifact, "onnx", "fp32"),
+                Variant("copy-onnx", bert_onnx_artifact, "onnx", "fp32", parent="fp32-onnx")]
+    return recorded_bench(variants, classification_evalset, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def lm_bench(llama_artifacts, lm_evalset) -> dict:
+    variants = [Variant("torch", llama_artifacts["torch"], "torch", "fp32"),
+                Variant("onnx", llama_artifacts["onnx"], "onnx", "fp32"),
+                Variant("onnx-kv", llama_artifacts["onnx-kv"], "onnx", "fp32")]
+    return recorded_bench(variants, lm_evalset, LM_CONFIG)
 
 
 def test_results_have_the_documented_shape(bench):
@@ -127,6 +141,39 @@ def test_report_shows_the_rows_and_how_they_were_measured(bench, tmp_path):
     assert "3 interleaved rounds" in report and "batch 2 × 16 real tokens" in report
     assert "- tiny random model\n- second note\n" in report
     assert "compress bench demo.yaml" in report
+
+
+def test_lm_variants_that_can_generate_are_timed_per_token_and_the_others_say_why_not(lm_bench):
+    torch_row, onnx_row, kv_row = lm_bench["results"]["rows"]
+    for row in (torch_row, kv_row):
+        assert set(row) == ROW_KEYS | {"ttft_ms", "per_token_ms", "cannot_generate"}
+        assert row["cannot_generate"] is None
+        for column in ("ttft_ms", "per_token_ms"):
+            assert set(row[column]) == LATENCY_KEYS and len(row[column]["rounds"]) == 3 and row[column]["p50"] > 0
+    assert (onnx_row["ttft_ms"], onnx_row["per_token_ms"]) == (None, None)
+    assert onnx_row["cannot_generate"] == "no KV cache in the graph"
+    # The empty cache leaves the perplexity of the graph with cache inputs as it is without them.
+    assert kv_row["metric"]["value"] == pytest.approx(onnx_row["metric"]["value"], rel=1e-5)
+
+
+def test_generations_are_interleaved_after_each_rounds_forward_passes(lm_bench):
+    ops = [(name, request["op"], request.get("inputs") or request.get("runs")) for name, request in lm_bench["sent"]
+           if request["op"] in ("latency", "generate")]
+    forward = [(name, "latency", kind) for kind in ("fixed", "padded") for name in ("torch", "onnx", "onnx-kv")]
+    assert ops == [*forward, ("torch", "generate", 2), ("onnx-kv", "generate", 2),
+                   *forward, ("torch", "generate", 1), ("onnx-kv", "generate", 1),
+                   *forward, ("torch", "generate", 1), ("onnx-kv", "generate", 1)]
+    generate = next(request for _, request in lm_bench["sent"] if request["op"] == "generate")
+    assert generate == {"op": "generate", "new_tokens": 3, "warmup": 1, "runs": 2}
+    assert lm_bench["children_left"] == set()
+
+
+def test_lm_report_shows_the_generation_columns(lm_bench, tmp_path):
+    write_results(lm_bench["results"], tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| real-length p50 ms | first token ms | ms/token | Size MiB |" in report
+    assert "| - | no KV cache in the graph | - |" in report
+    assert "then 3 new tokens" in report
 
 
 def test_a_dead_worker_raises_with_its_stderr_and_takes_the_others_down(bert_onnx_artifact, classification_evalset,

@@ -58,6 +58,30 @@ def test_report_lists_machine_method_rows_notes_and_versions(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
+def test_generation_columns_show_the_p50s_or_why_a_variant_cannot_generate(tmp_path):
+    results = perplexity_results()
+    results["bench"].update(new_tokens=32, generation_runs=10)
+    torch_row, onnx_row, int8_row = results["rows"]
+    torch_row.update(ttft_ms=latency(45.0), per_token_ms=latency(4.5), cannot_generate=None)
+    onnx_row.update(ttft_ms=None, per_token_ms=None, cannot_generate="no KV cache in the graph")
+    int8_row.update(ttft_ms=latency(12.0), per_token_ms=latency(1.25), cannot_generate=None)
+    write_results(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| real-length p50 ms | first token ms | ms/token | Size MiB | Zipped MiB | Peak RSS MiB |" in report
+    assert "|---|---|---|---|" + "|".join(["---:"] * 11) + "|" in report
+    assert "| 56.00 | - | 45.00 | 4.50 | 3.0 |" in report
+    assert "| 28.00 | - | no KV cache in the graph | - | 3.0 |" in report
+    assert "| 14.00 | - | 12.00 | 1.25 | 3.0 |" in report
+    assert ("a prompt of 256 real tokens, then 32 new tokens" in report
+            and "the mean of the 31 steps after it" in report and "over 10 timed generations" in report)
+
+
+def test_a_bench_without_generation_has_no_generation_columns(tmp_path):
+    write_results(perplexity_results(), tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "first token" not in report and "ms/token" not in report and "Generation" not in report
+
+
 def test_accuracy_shows_percent_with_the_change_in_points(tmp_path):
     results = perplexity_results()
     results["rows"] = results["rows"][:2]

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.eval.runners import OrtRunner, TorchRunner, load_runner, session_options
+from compress.eval.runners import (
+    NO_CACHE,
+    OrtRunner,
+    TorchRunner,
+    greedy_tokens,
+    load_runner,
+    session_options,
+)
 from compress.settings import FloatTolerance
 
 SST2_DEV = Path(__file__).resolve().parents[2] / "pipelines" / "data" / "sst2-dev.tsv"
@@ -55,6 +62,27 @@ def test_onnx_lm_derives_position_ids_and_matches_torch(tiny_causal_lm, llama_on
     # Padding positions carry no meaning, so only real tokens are compared.
     real = lm_evalset.features["attention_mask"].astype(bool)
     np.testing.assert_allclose(onnx_logits[real], torch_logits[real], atol=1e-4, rtol=0)
+
+
+def test_runners_say_why_they_cannot_generate(tiny_classifier, tiny_causal_lm, llama_onnx_dirs, lm_evalset):
+    without_cache = OrtRunner(llama_onnx_dirs["text-generation"] / "model.onnx")
+    assert without_cache.cannot_generate == NO_CACHE == "no KV cache in the graph"
+    assert TorchRunner(tiny_classifier[0]).cannot_generate == "not a generative model"
+    assert TorchRunner(tiny_causal_lm[0]).cannot_generate is None
+    assert OrtRunner(llama_onnx_dirs["text-generation-with-past"] / "model.onnx").cannot_generate is None
+    with pytest.raises(ValueError, match="cannot generate: no KV cache in the graph"):
+        next(greedy_tokens(without_cache, lm_evalset.features["input_ids"][:1, :4], new_tokens=2))
+
+
+def test_each_onnx_decode_step_grows_the_cache_by_one_position(llama_onnx_dirs, lm_evalset):
+    runner = OrtRunner(llama_onnx_dirs["text-generation-with-past"] / "model.onnx")
+    input_ids = lm_evalset.real_token_inputs(batch_size=2, seq_len=5)["input_ids"]
+    tokens, cache = runner.prefill(input_ids)
+    assert tokens.shape == (2,)
+    assert sorted(cache) == [f"past_key_values.{layer}.{part}" for layer in (0, 1) for part in ("key", "value")]
+    assert {value.shape for value in cache.values()} == {(2, 2, 5, 8)}  # [batch, kv heads, positions, head dim]
+    tokens, cache = runner.decode(tokens, cache)
+    assert {value.shape for value in cache.values()} == {(2, 2, 6, 8)}
 
 
 def test_onnx_runner_names_a_missing_input(bert_onnx_artifact, classification_evalset):

@@ -103,6 +103,26 @@ def test_onnx_lm_worker_reports_the_torch_perplexity_per_window(tiny_causal_lm, 
     np.testing.assert_allclose(metric["rows"]["nll"], expected.rows["nll"], rtol=1e-5)
 
 
+def test_onnx_lm_worker_times_generation_with_the_cache_free_of_torch(llama_artifacts, lm_evalset, tmp_path):
+    generate = {"op": "generate", "new_tokens": 3, "warmup": 1, "runs": 2}
+    load, timings = converse(NO_TORCH_WORKER, llama_artifacts["onnx-kv"], lm_evalset, tmp_path, [generate])
+    assert load["cannot_generate"] is None
+    assert set(timings) == {"ttft_ms", "per_token_ms"}
+    assert all(len(values) == 2 and min(values) > 0 for values in timings.values())
+
+
+def test_a_graph_without_cache_says_so_and_refuses_to_generate(llama_artifacts, lm_evalset, tmp_path):
+    lm_evalset.save(tmp_path / "evalset.npz")
+    requests = [{"op": "load", "artifact_dir": str(llama_artifacts["onnx"]), "evalset": str(tmp_path / "evalset.npz"),
+                 "threads": 1, "batch_size": 1, "seq_len": 4, "real_length_samples": 0},
+                {"op": "generate", "new_tokens": 2, "warmup": 0, "runs": 1}]
+    done = subprocess.run(WORKER, input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True,
+                          text=True, check=False)
+    assert json.loads(done.stdout)["cannot_generate"] == "no KV cache in the graph"
+    assert done.returncode != 0
+    assert "cannot generate: no KV cache in the graph" in done.stderr
+
+
 def test_chatter_on_stdout_goes_to_stderr_and_leaves_the_replies_intact(bert_onnx_artifact,
                                                                          classification_evalset, tmp_path):
     load, rss = converse(CHATTY_WORKER, bert_onnx_artifact, classification_evalset, tmp_path, [{"op": "rss"}])
