@@ -267,6 +267,10 @@ def check_lengths(config: Any, recipe: Recipe) -> None:
         raise RecipeError(f"data.max_length: {recipe.data.max_length} exceeds the model's {positions} positions")
     if recipe.bench.enabled and recipe.bench.seq_len > positions:
         raise RecipeError(f"bench.seq_len: {recipe.bench.seq_len} exceeds the model's {positions} positions")
+    generated = recipe.bench.seq_len + recipe.bench.new_tokens
+    if recipe.bench.enabled and is_text_stream(recipe.task) and generated > positions:
+        raise RecipeError(f"bench.new_tokens: a {recipe.bench.seq_len}-token prompt and {recipe.bench.new_tokens} new "
+                          f"tokens ({generated}) exceed the model's {positions} positions")
 
 
 def _check_kind(planned: PlannedStage, made: Kind) -> None:

@@ -123,6 +123,20 @@ def test_lengths_beyond_the_models_positions_fail_before_any_stage(tmp_path, rec
     assert not list(out.glob("0*"))
 
 
+def test_a_decoder_bench_must_fit_prompt_and_generated_tokens_in_the_positions():
+    from types import SimpleNamespace
+
+    from compress.pipeline import check_lengths
+    from compress.recipe import Recipe
+
+    recipe = Recipe.model_validate({"model": "m", "task": "causal-lm", "data": {"eval": {"path": "t.txt"}},
+                                    "bench": {"seq_len": 128, "new_tokens": 40}})
+    check_lengths(SimpleNamespace(max_position_embeddings=168), recipe)
+    with pytest.raises(RecipeError, match=r"bench.new_tokens: a 128-token prompt and 40 new tokens \(168\) exceed "
+                                          "the model's 160 positions"):
+        check_lengths(SimpleNamespace(max_position_embeddings=160), recipe)
+
+
 def test_branches_make_side_by_side_variants(tmp_path, recipe_file):
     steps = [{"kind": "export"}, LENIENT_PTQ, {"kind": "ort-fuse", "from": "@00-export"},
              {**LENIENT_PTQ, "from": "@ort-fuse"}]
