@@ -1,0 +1,90 @@
+"""Fake-quant torch model -> ONNX QDQ graph holding the learned scales (no re-calibration).
+
+Each FakeQuantLinear is written as QuantizeLinear -> DequantizeLinear on its input (uint8, its learned scale
+and zero point), DequantizeLinear of its weight stored as int8 ([in, out], axis 1: per output channel), MatMul,
+and Add of the bias. ONNX Runtime fuses the pairs around a MatMul on [batch, tokens, features] into integer
+kernels (MatMulIntegerToFloat); a Linear on [batch, features] (pooler, classifier) becomes a float Gemm over the
+dequantized values. Stored as int8, the weights take a quarter of their fp32 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch.nn import functional as F
+
+from compress.algos.fake_quant import ACTIVATION_MAX, ACTIVATION_MIN, FakeQuantLinear, fake_quantize
+from compress.errors import ExportMismatch, RecipeError
+from compress.export.onnx import export_onnx
+
+MIN_OPSET = 13  # DequantizeLinear's per-axis scales
+
+
+def export_fake_quant(model: Any, task: str, target: Path, opset: int, kv_cache: bool = False) -> Path:
+    """Write `model`'s QDQ graph to `target`; ExportMismatch when a fake-quant layer did not become one."""
+    if opset < MIN_OPSET:
+        raise RecipeError(f"export.opset: a QDQ graph with per-channel scales needs opset >= {MIN_OPSET} "
+                          f"(got {opset})")
+    layers = [module for module in model.modules() if isinstance(module, FakeQuantLinear)]
+    with written_as_qdq(layers):
+        graph = export_onnx(model, task, target, opset, kv_cache=kv_cache)
+    int8_weights = quantized_weight_count(graph)
+    if int8_weights != len(layers):
+        raise ExportMismatch(f"{graph}: {int8_weights} int8 weights in the graph for {len(layers)} fake-quant "
+                             "layers; the exporter did not trace through every one")
+    return graph
+
+
+@contextmanager
+def written_as_qdq(layers: list[FakeQuantLinear]) -> Iterator[None]:
+    """While exporting, each layer's forward is one traced op whose ONNX form is its QDQ subgraph."""
+    for layer in layers:
+        layer.forward = qdq_function(layer).apply
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def qdq_function(layer: FakeQuantLinear) -> type[torch.autograd.Function]:
+    """An op that computes `layer`'s fake-quant forward in torch and exports as its QDQ subgraph, from one
+    snapshot of its numbers. The tracer passes only tensors to `symbolic`, and fails on parameters used inside
+    a Function: hence a class per layer, holding plain copies by closure."""
+    scale, zero_point = (tensor.detach().cpu().clone() for tensor in layer.input_qparams())
+    weight, weight_scale = layer.quantized_weight().cpu(), layer.weight_scale().cpu()
+    bias = None if layer.bias is None else layer.bias.detach().float().cpu().clone()
+
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        on = x.device
+        x = fake_quantize(x.float(), scale.to(on), zero_point.to(on).float(), ACTIVATION_MIN, ACTIVATION_MAX)
+        return F.linear(x, (weight.float() * weight_scale).to(on), None if bias is None else bias.to(on))
+
+    def symbolic(g: Any, x: Any) -> Any:
+        def constant(tensor: torch.Tensor) -> Any:
+            return g.op("Constant", value_t=tensor)
+
+        x_scale, x_zero_point = constant(scale), constant(zero_point)
+        x = g.op("DequantizeLinear", g.op("QuantizeLinear", x, x_scale, x_zero_point), x_scale, x_zero_point)
+        per_column = weight_scale.reshape(-1 if layer.per_channel else ())
+        w = g.op("DequantizeLinear", constant(weight.t().contiguous()), constant(per_column),
+                 constant(torch.zeros(per_column.shape, dtype=torch.int8)), axis_i=1)
+        y = g.op("MatMul", x, w)
+        return y if bias is None else g.op("Add", y, constant(bias))
+
+    return type("QDQLinear", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
+
+
+def quantized_weight_count(graph: Path) -> int:
+    """DequantizeLinear nodes that read a stored int8 tensor: one per quantized layer."""
+    model = onnx.load(str(graph), load_external_data=False)
+    stored = {tensor.name for tensor in model.graph.initializer if tensor.data_type == onnx.TensorProto.INT8}
+    stored |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"
+               and node.attribute[0].t.data_type == onnx.TensorProto.INT8 and len(node.attribute[0].t.dims) == 2}
+    return sum(1 for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in stored)
