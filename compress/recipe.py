@@ -314,6 +314,16 @@ class QATStep(RecoverSettings, Step):
     keep_fp32: list[Annotated[str, Field(min_length=1)]] = []  # module-name fragments left in float
     calibration: Calibration = Calibration()  # the activations' first ranges, before training moves them
 
+    @model_validator(mode="after")
+    def _trainable_ranges(self) -> QATStep:
+        if self.calibration.method != "minmax":
+            raise ValueError(f"calibration.method: qat starts its ranges from min/max and then learns them; "
+                             f"{self.calibration.method!r} is for ptq mode static")
+        if self.attention_weight and self.distill_from != "none":
+            raise ValueError("attention_weight: attention maps need eager attention kernels, which qat does not "
+                             "switch to; distil the logits, hidden states (hidden_weight) or relations")
+        return self
+
     @property
     def reads_labels(self) -> bool:
         return self.distill_from == "none" or self.alpha < 1

@@ -23,9 +23,6 @@ def run(artifact: Artifact, step: QATStep, ctx: Context) -> Artifact:
         kind = step.output_kind(artifact.kind)
     except StepRejects as why:
         raise RecipeError(f"qat: {why}") from None
-    if step.calibration.method != "minmax":
-        raise RecipeError(f"qat.calibration.method: qat starts its ranges from min/max and then learns them; "
-                          f"{step.calibration.method!r} is for ptq mode static")
     model = copy.deepcopy(artifact.model).train()  # the input stays float: it is the default teacher
     names = quantizable_linears(model, step.keep_fp32)
     if not names:
@@ -75,8 +72,4 @@ def _teacher(artifact: Artifact, step: QATStep, ctx: Context) -> Any:
 
 
 def _distilled(step: QATStep, model: Any, teacher: Any) -> Any:
-    loss = distill_loss(step, model, teacher)
-    if loss.needs_attentions:
-        raise RecipeError("qat.attention_weight: attention maps need eager attention kernels; distil the logits, "
-                          "hidden states (hidden_weight) or relations (relation_weight)")
-    return objective(loss, teacher)
+    return objective(distill_loss(step, model, teacher), teacher)

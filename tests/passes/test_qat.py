@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 from torch import nn
 
 from compress.algos.fake_quant import FakeQuantLinear, input_ranges, quantize_linears
@@ -125,8 +126,10 @@ def test_an_already_fake_quant_model_and_other_calibration_methods_are_refused(c
                           kind=Kind(weights="fake-quant"))
     with pytest.raises(RecipeError, match="qat: qat needs float weights, not fake-quant"):
         qat.run(fake_quant, QATStep(), context())
-    with pytest.raises(RecipeError, match="calibration.method: .*min/max"):
-        qat.run(classifier, QATStep(calibration={"method": "entropy"}), context())
+    with pytest.raises(ValidationError, match="calibration.method: .*min/max"):
+        QATStep(calibration={"method": "entropy"})
+    with pytest.raises(ValidationError, match="attention_weight: attention maps need eager"):
+        QATStep(attention_weight=1.0)
 
 
 def test_the_recipe_contract_places_qat_on_float_torch_models_only():
