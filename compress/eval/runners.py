@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from compress.artifact import GRAPH, TORCH_DTYPES, read_manifest
+from compress.artifact import GRAPH, read_manifest
 from compress.kinds import Kind
 
 DENORMAL_AS_ZERO = "session.set_denormal_as_zero"
@@ -216,8 +216,7 @@ def load_runner(artifact_dir: Path, threads: int) -> TorchRunner | OrtRunner:
     kind = Kind.from_json(manifest["kind"])
     if kind.format == "onnx":
         return OrtRunner(artifact_dir / GRAPH, threads)
-    from compress.arch import auto_class
+    from compress.artifact import Artifact
 
-    # A torch artifact deploys at the precision it was saved in.
-    dtype = TORCH_DTYPES.get(kind.weights, "float32")
-    return TorchRunner(auto_class(manifest["task"]).from_pretrained(artifact_dir, dtype=dtype), threads)
+    # As saved: its dtype, or its quantized modules rebuilt (a plain from_pretrained would drop them).
+    return TorchRunner(Artifact.load(artifact_dir).model, threads)

@@ -99,6 +99,25 @@ def test_load_runner_follows_the_manifest(bert_torch_artifact, bert_onnx_artifac
     np.testing.assert_allclose(onnx_runner.logits(features), torch_runner.logits(features), atol=1e-4, rtol=0)
 
 
+def test_load_runner_rebuilds_a_quantized_torch_model(tiny_classifier, classification_evalset, tmp_path):
+    import copy
+
+    from compress.algos.fake_quant import quantize_linears
+    from compress.artifact import Artifact
+    from compress.kinds import Kind
+
+    model, tokenizer = tiny_classifier
+    quantized = copy.deepcopy(model).eval()
+    quantize_linears(quantized, ["classifier", "bert.pooler.dense"], ranges={"classifier": (-5.0, 5.0),
+                                                                            "bert.pooler.dense": (-5.0, 5.0)})
+    saved = Artifact("sequence-classification", model.config, tokenizer, model=quantized,
+                     kind=Kind(weights="fake-quant")).save(tmp_path / "fake-quant")
+    features = classification_evalset.features
+    expected = TorchRunner(quantized).logits(features)
+    assert not np.allclose(expected, TorchRunner(model).logits(features), atol=1e-6)  # quantization shows
+    np.testing.assert_array_equal(load_runner(saved, threads=1).logits(features), expected)
+
+
 def test_every_session_flushes_denormals_and_runs_sequentially_with_the_given_threads():
     import onnxruntime as ort
 
