@@ -132,8 +132,9 @@ def _drop(row: dict) -> float:
 
 
 def _what_each_row_is() -> list[str]:
-    return [("02-fp16 runs in ONNX Runtime's CPU provider, which has few fp16 kernels: its latency here is not a "
-             "result (fp16 pays on GPUs and in OpenVINO)."),
+    from compress.pipeline import half_precision_note
+
+    return [half_precision_note(["02-fp16"]),
             ("07-int4-weights: 4-bit MatMulNBits weights with int8 compute (accuracy_level 4); embeddings as "
              "GatherBlockQuantized where the graph allows."),
             ("optimum rows: ORTQuantizer on the same 01-export graph with AutoQuantizationConfig.avx512_vnni "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import ModelLoadError
@@ -19,6 +19,11 @@ class Family:
     hidden_attr: str = "hidden_size"
     layers_attr: str = "num_hidden_layers"
     intermediate_attr: str = "intermediate_size"
+    # AWQ moves per-channel scales from quantized Linears into what feeds them: per block, the norm or Linear
+    # whose output they all read -> those Linears. neural-compressor finds these by tracing with torch.jit, which
+    # fails on transformers' Llama and silently leaves plain RTN, so they are named here.
+    awq_pairs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    awq_value_pair: dict[str, tuple[str, ...]] = field(default_factory=dict)  # only without grouped-query attention
 
 
 BERT_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
@@ -31,7 +36,11 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", "wte", "h", None, heads_attr="n_head", hidden_attr="n_embd", layers_attr="n_layer",
                    intermediate_attr="n_inner"),
     # No Llama fuser in ORT; the GPT-2 one still fuses what it can.
-    "llama": Family("gpt2", "embed_tokens", "layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    "llama": Family("gpt2", "embed_tokens", "layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    awq_pairs={"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                               "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+                               "mlp.up_proj": ("mlp.down_proj",)},
+                    awq_value_pair={"self_attn.v_proj": ("self_attn.o_proj",)}),
 }
 
 

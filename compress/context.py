@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError
+from compress.errors import CompressError, DataError
 from compress.evalset import EvalSet
 
 
@@ -45,12 +45,22 @@ class Context:
         return train_loader(self._data().table("train"), tokenizer, self.task, self.max_length, batch_size,
                             self.seed, row_ids)
 
-    def calibration(self, tokenizer: Any, samples: int, batch_size: int = 8) -> list[dict[str, Any]]:
-        """`samples` seeded rows of the calibration source (never the eval set), tokenized, as numpy batches."""
+    def calibration(self, tokenizer: Any, samples: int, batch_size: int = 8,
+                    purpose: str = "calibration") -> list[dict[str, Any]]:
+        """`samples` seeded rows of the calibration source (never the eval set), tokenized, as numpy batches.
+        Fewer available: a warning naming `purpose`, and all of them; none: DataError naming data.calib."""
         from compress.loaders import calibration_batches
 
-        return calibration_batches(self._data().table("calib"), tokenizer, self.task, self.max_length, samples,
-                                   batch_size, self.seed)
+        batches = calibration_batches(self._data().table("calib"), tokenizer, self.task, self.max_length, samples,
+                                      batch_size, self.seed)
+        rows = sum(len(batch["input_ids"]) for batch in batches)
+        if not rows:
+            raise DataError(f"data.calib: {purpose} calibrates on rows, and data.calib (by default data.train) "
+                            "holds none")
+        if rows < samples:
+            self.log.warning("%s: %d calibration rows asked for, %d available; using them all", purpose, samples,
+                             rows)
+        return batches
 
     def model(self, ref: str) -> Any:
         """The artifact a model reference names: "@input", "@00-finetune", "@finetune", or a model spec."""

@@ -42,6 +42,11 @@ class ArtifactError(BadInput):
     """A directory is not a `compress` artifact, or is missing what a step needs."""
 
 
+class BackendError(BadInput):
+    """A library underneath (neural-compressor, ONNX Runtime's quantizers) cannot handle this model or op; the
+    message names the backend and a route that works."""
+
+
 class ExportMismatch(CompressError):
     """An exported or quantized graph disagrees with its reference beyond the allowed tolerance."""
 

@@ -43,6 +43,8 @@ def calibration_batches(table: Any, tokenizer: Any, task: str, max_length: int, 
                         seed: int) -> list[dict[str, np.ndarray]]:
     """`samples` seeded rows (causal LM: blocks), all when fewer, as right-padded int64 numpy batches."""
     rng = np.random.default_rng(seed)
+    if not len(table):
+        return []
     if is_text_stream(task):
         blocks = lm_blocks(table, tokenizer, max_length)
         rows = block_rows(blocks[drawn(rng, len(blocks), samples)])

@@ -320,6 +320,9 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
                      "made from it; compare their latency and their metric deltas.")
     if recipe.model == "smollm2-135m":
         notes.append(GGUF_NOTE)
+    half = [s.name for s in stages if s.kind.format == "onnx" and s.kind.weights in ("fp16", "bf16")]
+    if half:
+        notes.append(half_precision_note(half))
     if is_text_stream(recipe.task):
         notes.append(f"Perplexity over {evals.meta['tokens']} tokens, context {evals.meta['context']}, "
                      f"stride {evals.meta['stride']}; latency is one forward pass of {recipe.bench.seq_len} tokens.")
@@ -327,6 +330,13 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
         notes.append(f"Eval rows carved from train: {data.notes['eval_split']}.")
     write_results(results, out, notes=notes, command=command)
     return results
+
+
+def half_precision_note(names: list[str]) -> str:
+    """Half-precision ONNX rows timed on a CPU: say why their latency is no verdict on them."""
+    return (f"{', '.join(names)}: ONNX Runtime's x86 CPU provider has few fp16 kernels and no bf16 matrix kernels, "
+            "so on a CPU these rows run slower than fp32; that is not their result. They pay on GPUs and in "
+            "OpenVINO. Their size and metric columns stand.")
 
 
 def _in_report_order(stages: list[Stage], reference: str) -> list[Stage]:

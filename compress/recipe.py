@@ -273,6 +273,9 @@ class PTQStep(Step):
                              f"(it reads: {', '.join(sorted(PTQ_FIELDS[self.mode]))})")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16 (got {self.block_size})")
+        if self.activation_type == "int8" and self.weight_type == "uint8":
+            raise ValueError("activation_type int8 with weight_type uint8: ONNX Runtime has no kernel for that pair; "
+                             "set weight_type int8")
         return self
 
     @property
@@ -286,6 +289,9 @@ class PTQStep(Step):
         if not given.is_float or given.weights != "fp32":
             raise StepRejects(f"the graph is already {given.precision}; quantize the fp32 graph "
                               "(branch from it with 'from')")
+        if self.mode == "static" and given.runtime == "onnxruntime":
+            raise StepRejects("static QDQ cannot reach the weights inside ONNX Runtime's fused attention and "
+                              "embedding ops; quantize the portable graph (branch from the export with 'from')")
         if self.mode == "fp16":
             return given.evolve(weights="fp16")
         if self.mode == "weight-only":
@@ -346,6 +352,13 @@ class QuantizeStep(Step):
     calibration: Calibration = Calibration(samples=128)  # gptq and awq
     keep_fp32: list[Annotated[str, Field(min_length=1)]] = ["lm_head"]  # module-name fragments left in float
     verify: QuantTolerance = QuantTolerance()
+
+    @model_validator(mode="after")
+    def _exportable_groups(self) -> QuantizeStep:
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two >= 16, as ONNX Runtime's MatMulNBits blocks are "
+                             f"(got {self.group_size})")
+        return self
 
     @property
     def needs_data(self) -> tuple[str, ...]:

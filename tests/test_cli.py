@@ -129,8 +129,8 @@ def test_altered_graph_fails_export_with_exit_3_and_leaves_nothing(tmp_path, tin
 
     real_export = export_pass.export_onnx
 
-    def export_then_damage(model, task, path, opset):
-        exported = real_export(model, task, path, opset)
+    def export_then_damage(model, task, path, opset, kv_cache):
+        exported = real_export(model, task, path, opset, kv_cache=kv_cache)
         graph = onnx.load(exported)
         weight = next(t for t in graph.graph.initializer if len(t.dims) == 2 and t.dims[0] == 32)
         values = onnx.numpy_helper.to_array(weight) * np.float32(1.5)

@@ -139,16 +139,18 @@ def test_a_decoder_bench_must_fit_prompt_and_generated_tokens_in_the_positions()
 
 def test_branches_make_side_by_side_variants(tmp_path, recipe_file):
     steps = [{"kind": "export"}, LENIENT_PTQ, {"kind": "ort-fuse", "from": "@00-export"},
-             {**LENIENT_PTQ, "from": "@ort-fuse"}]
+             {**LENIENT_PTQ, "from": "@ort-fuse"}, {**LENIENT_PTQ, "mode": "fp16", "name": "half", "from": "@00-export"}]
     out = tmp_path / "run"
     outcome = run_pipeline(load_recipe(recipe_file(steps, bench=True)), out, quiet=True)
     assert [(s["name"], s["input"]) for s in outcome["stages"]] == [
-        ("base", None), ("00-export", "base"), ("01-ptq", "00-export"), ("02-ort-fuse", "00-export"), ("03-ptq", "02-ort-fuse")]
+        ("base", None), ("00-export", "base"), ("01-ptq", "00-export"), ("02-ort-fuse", "00-export"),
+        ("03-ptq", "02-ort-fuse"), ("04-half", "00-export")]
+    assert "04-half: ONNX Runtime's x86 CPU provider has few fp16 kernels" in (out / "report.md").read_text()
     kinds = {s["name"]: s["kind"] for s in outcome["stages"]}
     assert kinds["01-ptq"]["runtime"] == "portable" and kinds["03-ptq"]["runtime"] == "onnxruntime"
     rows = {row["name"]: row for row in outcome["results"]["rows"]}
     # The base model is the baseline: uncompressed (its task head is fresh, so every row is at chance level).
-    assert list(rows) == ["base", "00-export", "01-ptq", "02-ort-fuse", "03-ptq"]
+    assert list(rows) == ["base", "00-export", "01-ptq", "02-ort-fuse", "03-ptq", "04-half"]
     assert "freshly initialised task head" in (out / "report.md").read_text()
     assert (rows["01-ptq"]["parent"], rows["03-ptq"]["parent"], rows["02-ort-fuse"]["parent"]) == (
         "00-export", "02-ort-fuse", "00-export")

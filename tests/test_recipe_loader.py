@@ -83,7 +83,7 @@ def test_wrong_types_and_ranges_name_the_field(tmp_path, override, expected):
         ("[{kind: export}, {kind: export}]", ("steps[1] (export) would receive ONNX fp32 from 00-export: it is "
                                              "already an ONNX graph")),
         ("[{kind: export}, {kind: ptq}, {kind: ptq}]",
-         "steps[2] (ptq) would receive ONNX int8 (integer ops) from 01-ptq: the graph is already quantized"),
+         "steps[2] (ptq) would receive ONNX int8 (integer ops) from 01-ptq: the graph is already int8"),
         ("[{kind: export}, {kind: ptq}, {kind: ort-fuse}]",
          "steps[2] (ort-fuse) would receive ONNX int8 (integer ops) from 01-ptq: fuse the float graph"),
         ("[{kind: export}, {kind: ort-fuse}, {kind: ort-fuse, from: '@00-export'}, {kind: ort-fuse}]",

@@ -13,19 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.errors import ArtifactError, RecipeError
+from compress.arch import FAMILIES
+from compress.errors import ArtifactError, BackendError, RecipeError
 
 SPEC_FORMAT = "compress-weight-only/1"
 BACKEND_FALLBACK = "quantize the exported graph instead with `ptq: {mode: weight-only}`"
-# AWQ moves a per-channel scale from the quantized layers into the layer before them. INC finds those pairs by
-# tracing the model with torch.jit, which fails on current transformers Llama and silently leaves plain RTN;
-# so we name them, per block. Value and output projections pair only without grouped-query attention.
-AWQ_SCALE_PAIRS = {
-    "llama": {"input_layernorm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-              "post_attention_layernorm": ["mlp.gate_proj", "mlp.up_proj"],
-              "mlp.up_proj": ["mlp.down_proj"]},
-}
-AWQ_VALUE_PAIR = {"llama": {"self_attn.v_proj": ["self_attn.o_proj"]}}
 # Attributes INC leaves on the model it converted (among them a `save` that pickles).
 INC_ATTRIBUTES = ("qconfig", "save", "is_quantized", "is_prepared", "quant_config", "example_inputs")
 
@@ -142,9 +134,10 @@ def check_group_size(layers: dict[str, nn.Linear], group_size: int) -> None:
 
 
 def check_awq_supported(model: nn.Module) -> None:
-    if model.config.model_type not in AWQ_SCALE_PAIRS:
+    if model.config.model_type not in FAMILIES or not FAMILIES[model.config.model_type].awq_pairs:
+        known = ", ".join(name for name, arch in FAMILIES.items() if arch.awq_pairs)
         raise RecipeError(f"quantize.method awq: no AWQ scale pairs known for model family "
-                          f"{model.config.model_type!r} (known: {', '.join(AWQ_SCALE_PAIRS)}); use rtn or gptq")
+                          f"{model.config.model_type!r} (known: {known}); use rtn or gptq")
 
 
 def quantize_weight_only(model: nn.Module, layers: list[str], method: str, bits: int, group_size: int,
@@ -166,7 +159,7 @@ def quantize_weight_only(model: nn.Module, layers: list[str], method: str, bits:
         # Float32 scales where INC allows it (RTN); its default "optimum" layout keeps float16 ones.
         converted = convert(prepared, use_optimum_format=False)
     except Exception as err:  # INC raises anything from assertions to tracer errors
-        raise RecipeError(f"quantize.backend neural-compressor ({method}) failed on this model: "
+        raise BackendError(f"quantize.backend neural-compressor ({method}) failed on this model: "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
                           f"{BACKEND_FALLBACK}") from err
     for attribute in INC_ATTRIBUTES:
@@ -199,11 +192,11 @@ def _inc_config(model: nn.Module, layers: list[str], method: str, bits: int, gro
 
 
 def _awq_scale_pairs(model: nn.Module) -> dict[str, list[str]]:
-    config, model_type = model.config, model.config.model_type
-    pairs = dict(AWQ_SCALE_PAIRS[model_type])
+    config, arch = model.config, FAMILIES[model.config.model_type]
+    pairs = dict(arch.awq_pairs)
     if getattr(config, "num_key_value_heads", config.num_attention_heads) == config.num_attention_heads:
-        pairs |= AWQ_VALUE_PAIR.get(model_type, {})
-    return pairs
+        pairs |= arch.awq_value_pair
+    return {norm: list(linears) for norm, linears in pairs.items()}
 
 
 def _torch_batch(model: nn.Module, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -219,12 +212,12 @@ def _from_inc(module: nn.Module, name: str, method: str, symmetric: bool,
     """Our layer from INC's INCWeightOnlyLinear: its integers (signed when symmetric in INC's own layout,
     shifted by 2^(bits-1) in the optimum layout) and its scales."""
     if not hasattr(module, "unpack"):
-        raise RecipeError(f"quantize.backend neural-compressor ({method}) left {name} as "
+        raise BackendError(f"quantize.backend neural-compressor ({method}) left {name} as "
                           f"{type(module).__name__}, not quantized; {BACKEND_FALLBACK}")
     unpacked = module.unpack()
     g_idx = unpacked.get("g_idx")
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(module.in_features) // module.group_size):
-        raise RecipeError(f"quantize.backend neural-compressor ({method}) reordered the input features of {name}, "
+        raise BackendError(f"quantize.backend neural-compressor ({method}) reordered the input features of {name}, "
                           f"which MatMulNBits cannot hold; {BACKEND_FALLBACK}")
     integers, scales, zero_points = unpacked["int_weight"].int(), unpacked["scales"], unpacked.get("zp")
     middle = 2 ** (module.bits - 1)

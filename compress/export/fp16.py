@@ -7,7 +7,7 @@ from typing import Any
 
 import onnx
 
-from compress.export.nbits import graph_bytes, save_graph
+from compress.export.onnx import graph_bytes, save_graph
 from compress.export.quantize import nodes_matching
 
 

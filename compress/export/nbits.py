@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compress.artifact import GRAPH_DATA, graph_files
 from compress.errors import DataError, RecipeError
+from compress.export.calibration import graph_feeds
+from compress.export.onnx import graph_bytes, save_graph
 from compress.export.quantize import nodes_matching
 
 NBITS_OPS = ("MatMulNBits", "GatherBlockQuantized")
@@ -161,30 +162,11 @@ def _gptq(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, e
     """ORT's GPTQ, called directly: through MatMulNBitsQuantizer it ignores `nodes_to_exclude`."""
     from onnxruntime.quantization.neural_compressor import gptq_quantize
 
-    batches = [(calibration_feeds(model, batch), None) for batch in calibration]
+    batches = [(graph_feeds(model.graph.input, batch), None) for batch in calibration]
     with contextlib.redirect_stdout(io.StringIO()):  # it draws a progress bar on stdout
         quantized = gptq_quantize(model, batches, weight_config=dict.fromkeys(excluded, "fp32"), num_bits=bits,
                                   group_size=block_size, scheme="sym" if symmetric else "asym", n_samples=-1)
     return quantized.model
-
-
-def calibration_feeds(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Exactly the graph's inputs, which GPTQ's session requires; position ids and an empty cache made as
-    OrtRunner makes them."""
-    from compress.eval.runners import empty_past, position_ids
-
-    feeds = {}
-    for spec in model.graph.input:
-        if spec.name in batch:
-            feeds[spec.name] = batch[spec.name]
-        elif spec.name == "position_ids":
-            feeds[spec.name] = position_ids(batch["attention_mask"])
-        elif spec.name.startswith("past_key_values"):
-            dims = [dim.dim_value or dim.dim_param for dim in spec.type.tensor_type.shape.dim]
-            feeds[spec.name] = empty_past(dims, len(batch["input_ids"]))
-        else:
-            raise DataError(f"data.calib: the graph needs input {spec.name!r}, which the calibration rows lack")
-    return feeds
 
 
 def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
@@ -196,12 +178,3 @@ def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
 
 def _attribute(node: onnx.NodeProto, name: str) -> Any:
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
-
-
-def save_graph(model: onnx.ModelProto, target: Path, external_data: bool) -> None:
-    onnx.save_model(model, str(target), save_as_external_data=external_data, all_tensors_to_one_file=True,
-                    location=GRAPH_DATA)
-
-
-def graph_bytes(path: Path) -> int:
-    return sum(file.stat().st_size for file in graph_files(Path(path)))

@@ -79,3 +79,14 @@ def graph_runtime(path: Path) -> str:
     graph = onnx.load(str(path), load_external_data=False).graph
     custom = any(node.domain not in ("", "ai.onnx") for node in graph.node)
     return "onnxruntime" if custom else "portable"
+
+
+def save_graph(model: onnx.ModelProto, target: Path, external_data: bool) -> None:
+    """Write `model` to `target`, its weights to `model.onnx_data` beside it when `external_data`."""
+    onnx.save_model(model, str(target), save_as_external_data=external_data, all_tensors_to_one_file=True,
+                    location=GRAPH_DATA)
+
+
+def graph_bytes(path: Path) -> int:
+    """The graph's size on disk, with its external weights."""
+    return sum(file.stat().st_size for file in graph_files(Path(path)))

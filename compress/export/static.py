@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compress.errors import ArtifactError, RecipeError
-from compress.eval.runners import empty_past, position_ids
+from compress.errors import ArtifactError
+from compress.export.calibration import graph_feeds
 from compress.export.quantize import int8_weight_count, nodes_matching, op_counts, quantizable_layers
 from compress.sysinfo import machine_info
 
@@ -33,9 +33,6 @@ class StaticInt8:
                  percentile: float = 99.999, per_channel: bool = True, reduce_range: bool = False,
                  weight_type: str = "int8", activation_type: str = "uint8", keep_fp32: list[str] = (),
                  quantize_embeddings: bool = True, external_data: bool = False) -> None:
-        if activation_type == "int8" and weight_type == "uint8":
-            raise RecipeError("activation_type int8 with weight_type uint8: ONNX Runtime has no kernel for that "
-                              "pair; set weight_type int8")
         self.src, self.method, self.external_data = Path(src), method, external_data
         self.settings = {"per_channel": per_channel, "reduce_range": reduce_range,
                          "weight_type": weight_type, "activation_type": activation_type}
@@ -130,23 +127,6 @@ def calibrate(graph: Path, ranges: Path, batches: list[dict[str, np.ndarray]], m
             calibrator.collect_data(_Once(graph_feeds(inputs, batch)))
     save_tensors_data(calibrator.compute_data(), ranges)
     return sum(len(batch["input_ids"]) for batch in batches)
-
-
-def graph_feeds(inputs: list[onnx.ValueInfoProto], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The graph's own inputs from a calibration batch: extra keys dropped, position ids and an empty cache made."""
-    feeds = {}
-    for spec in inputs:
-        tensor = spec.type.tensor_type
-        if spec.name in batch:
-            value = batch[spec.name]
-        elif spec.name == "position_ids":
-            value = position_ids(batch["attention_mask"])
-        elif spec.name.startswith("past_key_values"):
-            value = empty_past([dim.dim_value or dim.dim_param for dim in tensor.shape.dim], len(batch["input_ids"]))
-        else:
-            raise ArtifactError(f"the graph needs input {spec.name!r}, which the calibration batches lack")
-        feeds[spec.name] = value.astype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), copy=False)
-    return feeds
 
 
 class _Once:

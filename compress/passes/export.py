@@ -14,7 +14,7 @@ from compress.artifact import GRAPH, Artifact, graph_files, step_record
 from compress.context import Context
 from compress.eval.metrics import evaluate
 from compress.eval.runners import OrtRunner, TorchRunner
-from compress.export.onnx import export_onnx, graph_runtime
+from compress.export.onnx import export_onnx, graph_bytes, graph_runtime
 from compress.export.verify import VERIFY_THREADS, reference_logits, verify_logits, verify_quantized
 from compress.recipe import ExportStep
 
@@ -34,9 +34,9 @@ def run(artifact: Artifact, step: ExportStep, ctx: Context) -> Artifact:
         candidate = evaluate(OrtRunner(graph, threads=VERIFY_THREADS), evalset, progress=not ctx.quiet)
         checked = verify_quantized(reference, candidate, evalset, step.verify_quantized,
                                    TASKS[artifact.task].higher_is_better)
-    files = graph_files(graph)
-    kind = step.output_kind(artifact.kind).evolve(runtime=graph_runtime(graph), external_data=len(files) > 1)
-    effect = {"onnx_bytes": sum(path.stat().st_size for path in files), **checked,
+    kind = step.output_kind(artifact.kind).evolve(runtime=graph_runtime(graph),
+                                                  external_data=len(graph_files(graph)) > 1)
+    effect = {"onnx_bytes": graph_bytes(graph), **checked,
               "seconds": round(time.perf_counter() - started, 2)}
     return artifact.evolve(step_record(step, **effect), model=None, onnx_path=graph, kind=kind)
 

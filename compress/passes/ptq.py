@@ -15,7 +15,7 @@ from compress.algos.sensitivity import keep_in_float, kl_divergence, metric_drop
 from compress.arch import TASKS, is_text_stream
 from compress.artifact import GRAPH, Artifact, step_record
 from compress.context import Context
-from compress.errors import DataError, NothingToDo
+from compress.errors import NothingToDo
 from compress.eval.metrics import evaluate
 from compress.eval.runners import OrtRunner
 from compress.evalset import EvalSet
@@ -71,14 +71,7 @@ def _dynamic(source: Path, target: Path, step: PTQStep, artifact: Artifact, ctx:
 def _static(source: Path, target: Path, step: PTQStep, artifact: Artifact, ctx: Context) -> dict[str, Any]:
     from compress.export.static import StaticInt8, auto_activation_type
 
-    wanted = step.calibration.samples
-    batches = ctx.calibration(artifact.tokenizer, wanted, step.calibration.batch_size)
-    rows = sum(len(batch["input_ids"]) for batch in batches)
-    if not rows:
-        raise DataError("ptq static: data.calib (by default data.train) holds no rows to calibrate on")
-    if rows < wanted:
-        ctx.log.warning(f"ptq static: calibrating on the {rows} rows data.calib holds, fewer than "
-                        f"calibration.samples {wanted}")
+    batches = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size, "ptq static")
     activation_type = auto_activation_type() if step.activation_type == "auto" else step.activation_type
     with TemporaryDirectory(prefix="compress-ptq-") as scratch:
         quantizer = StaticInt8(source, Path(scratch), batches, step.calibration.method, step.calibration.percentile,
@@ -181,7 +174,8 @@ def _weight_only(source: Path, target: Path, step: PTQStep, artifact: Artifact, 
 
     calibration = None
     if step.method == "gptq":
-        calibration = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size)
+        calibration = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size,
+                                      "ptq weight-only gptq")
     return quantize_weight_only(source, target, bits=step.bits, method=step.method, block_size=step.block_size,
                                 symmetric=step.symmetric, accuracy_level=step.accuracy_level,
                                 keep_fp32=step.keep_fp32, quantize_embeddings=step.quantize_embeddings,

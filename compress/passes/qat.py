@@ -27,7 +27,7 @@ def run(artifact: Artifact, step: QATStep, ctx: Context) -> Artifact:
     names = quantizable_linears(model, step.keep_fp32)
     if not names:
         raise NothingToDo(f"qat: keep_fp32 {step.keep_fp32} leaves no Linear layer to quantize")
-    batches = calibration_batches(artifact, step, ctx)
+    batches = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size, "qat")
     quantize_linears(model, names, step.per_channel, input_ranges(model, names, batches))
     teacher = None if step.distill_from == "none" else _teacher(artifact, step, ctx)
     validation = ctx.validation_set(artifact.tokenizer)
@@ -46,15 +46,6 @@ def run(artifact: Artifact, step: QATStep, ctx: Context) -> Artifact:
               "metric": TASKS[artifact.task].metric, "evals_on": "validation", **summary}
     model = model.to(ctx.device).eval()
     return artifact.evolve(step_record(step, **effect), model=model, kind=kind)
-
-
-def calibration_batches(artifact: Artifact, step: QATStep, ctx: Context) -> list[dict[str, Any]]:
-    wanted = step.calibration.samples
-    batches = ctx.calibration(artifact.tokenizer, wanted, step.calibration.batch_size)
-    rows = rows_in(batches)
-    if rows < wanted:
-        ctx.log.warning("qat: %d calibration rows wanted, %d available; using them all", wanted, rows)
-    return batches
 
 
 def rows_in(batches: list[dict[str, Any]]) -> int:

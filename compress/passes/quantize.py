@@ -33,7 +33,8 @@ def run(artifact: Artifact, step: QuantizeStep, ctx: Context) -> Artifact:
         check_awq_supported(artifact.model)
     calibration = None
     if step.method != "rtn":
-        calibration = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size)
+        calibration = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size,
+                                      f"quantize {step.method}")
     evalset = ctx.eval_set(artifact.tokenizer).take(step.verify.samples)
     before = evaluate(TorchRunner(artifact.model), evalset, progress=not ctx.quiet)
     # A copy: the input stage may feed other branches.

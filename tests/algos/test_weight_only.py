@@ -17,7 +17,7 @@ from compress.algos.weight_only import (
     quantize_weight_only,
     quantized_layers,
 )
-from compress.errors import ArtifactError, RecipeError
+from compress.errors import ArtifactError, BackendError, RecipeError
 
 
 def calibration_batches(evalset, padded: bool = False) -> list[dict[str, np.ndarray]]:
@@ -118,7 +118,7 @@ def test_awq_needs_known_scale_pairs(tiny_classifier):
 
 def test_a_neural_compressor_failure_names_the_backend_and_the_onnx_route(tiny_causal_lm, lm_evalset):
     # INC 3.x AWQ replays each block with the first batch's attention mask: padded rows break it.
-    with pytest.raises(RecipeError, match=r"quantize.backend neural-compressor \(awq\) failed on this model: "
+    with pytest.raises(BackendError, match=r"quantize.backend neural-compressor \(awq\) failed on this model: "
                                           r"RuntimeError: .*; .*ptq: \{mode: weight-only\}") as error:
         quantized_copy(tiny_causal_lm[0], "awq", calibration=calibration_batches(lm_evalset, padded=True))
     assert "\n" not in str(error.value)

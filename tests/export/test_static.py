@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnxruntime.quantization import load_tensors_data
 
-from compress.errors import ArtifactError, RecipeError
+from compress.errors import ArtifactError
 from compress.eval.runners import OrtRunner
 from compress.evalset import EvalSet
 from compress.export.onnx import export_onnx
@@ -108,6 +108,18 @@ def test_a_graph_fused_for_onnxruntime_is_refused(classifier_onnx_dir, classific
         StaticInt8(classifier_onnx_dir / "model.onnx", tmp_path, calibration_batches(classification_evalset))
 
 
-def test_signed_activations_need_signed_weights(portable_classifier, tmp_path):
-    with pytest.raises(RecipeError, match="activation_type int8 with weight_type uint8"):
-        StaticInt8(portable_classifier, tmp_path, [], weight_type="uint8", activation_type="int8")
+def test_signed_activations_need_signed_weights():
+    from pydantic import ValidationError
+
+    from compress.recipe import PTQStep
+
+    with pytest.raises(ValidationError, match="activation_type int8 with weight_type uint8"):
+        PTQStep(mode="static", weight_type="uint8", activation_type="int8")
+
+
+def test_static_on_a_fused_graph_is_refused_by_the_recipe_check():
+    from compress.plan import plan_stages
+    from compress.recipe import ExportStep, OrtFuseStep, PTQStep
+
+    with pytest.raises(ValueError, match=r"steps\[2\] \(ptq\) .*static QDQ cannot reach the weights inside"):
+        plan_stages([ExportStep(), OrtFuseStep(), PTQStep(mode="static")])

@@ -60,8 +60,8 @@ def test_a_graph_that_drifts_from_torch_fails_the_export(torch_classifier, class
                                                          monkeypatch, make_context):
     real_export = export.export_onnx
 
-    def export_then_damage(model, task, path: Path, opset: int) -> Path:
-        graph = real_export(model, task, path, opset)
+    def export_then_damage(model, task, path: Path, opset: int, kv_cache: bool) -> Path:
+        graph = real_export(model, task, path, opset, kv_cache=kv_cache)
         damaged = onnx.load(str(graph))
         for weight in damaged.graph.initializer:
             if len(weight.dims) == 2 and weight.data_type == onnx.TensorProto.FLOAT:

@@ -159,7 +159,7 @@ def test_static_ptq_calibrates_on_what_there_is_and_records_its_choices(tiny_cla
     assert quantized.kind == Kind("onnx", "int8-qdq", runtime="portable")
     effect = quantized.history[-1]["effect"]
     assert effect["calibration"] == {"method": "minmax", "rows": 8}
-    assert "calibrating on the 8 rows data.calib holds, fewer than calibration.samples 256" in caplog.text
+    assert "ptq static: 256 calibration rows asked for, 8 available; using them all" in caplog.text
     assert effect["auto"] == ["weight_type", "activation_type", "reduce_range"]
     assert effect["weight_type"] == "int8" and effect["activation_type"] == "uint8"  # an x86 CPU
     assert effect["reduce_range"] is not has_vnni() and effect["chosen_for"] == machine_info()["isa"]
@@ -171,8 +171,9 @@ def test_static_ptq_without_calibration_rows_names_data_calib(tiny_classifier, c
                                                                monkeypatch):
     artifact = portable_artifact(*tiny_classifier, "sequence-classification", tmp_path / "fp32")
     ctx = calibrating_context(tmp_path, classification_evalset, ["unused"])
-    monkeypatch.setattr(ctx, "calibration", lambda tokenizer, samples, batch_size: [])
-    with pytest.raises(DataError, match=r"data.calib \(by default data.train\) holds no rows"):
+    monkeypatch.setattr("compress.loaders.calibration_batches", lambda *args: [])
+    with pytest.raises(DataError, match=r"data.calib: ptq static calibrates on rows, and data.calib \(by default "
+                                        r"data.train\) holds none"):
         ptq.run(artifact, PTQStep(mode="static", verify=LENIENT), ctx)
 
 

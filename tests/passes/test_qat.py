@@ -68,7 +68,7 @@ def test_qat_trains_fake_quant_layers_distilled_from_its_input(classifier, conte
     # The activation scales start at the calibration range and are then learned.
     recalibrated = copy.deepcopy(classifier.model)
     quantize_linears(recalibrated, list(layers), ranges=input_ranges(
-        recalibrated, list(layers), qat.calibration_batches(classifier, step, ctx)))
+        recalibrated, list(layers), ctx.calibration(classifier.tokenizer, step.calibration.samples)))
     moved = [(layers[name].input_scale - quantized(recalibrated)[name].input_scale).abs().item() for name in layers]
     assert min(moved) > 0
     assert all(torch.equal(float_state[name], tensor) for name, tensor in classifier.model.state_dict().items())
@@ -110,7 +110,7 @@ def test_calibration_rows_fewer_than_asked_warn_and_none_is_an_error(classifier,
     step = QATStep(max_steps=1, batch_size=16, distill_from="none", calibration={"samples": 256})
     with caplog.at_level(logging.WARNING, logger="compress"):
         result = qat.run(classifier, step, context(calib_rows=10))
-    assert "256 calibration rows wanted, 10 available" in caplog.text
+    assert "qat: 256 calibration rows asked for, 10 available; using them all" in caplog.text
     assert result.history[-1]["effect"]["calibration_rows"] == 10
 
     ctx = context()

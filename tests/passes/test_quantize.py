@@ -48,7 +48,7 @@ def test_gptq_calibrates_on_the_calibration_rows(lm_artifact, lm_evalset, tmp_pa
     ctx = make_context(tmp_path, lm_evalset)
     asked = []
 
-    def calibration(tokenizer, samples, batch_size):
+    def calibration(tokenizer, samples, batch_size, purpose):
         asked.append((samples, batch_size))
         ids = lm_evalset.features["input_ids"]
         return [{"input_ids": ids[:4], "attention_mask": np.ones_like(ids[:4])}]
@@ -62,8 +62,8 @@ def test_gptq_calibrates_on_the_calibration_rows(lm_artifact, lm_evalset, tmp_pa
 
 def test_a_group_size_that_does_not_divide_fails_before_any_work(lm_artifact, lm_evalset, tmp_path, make_context):
     stage = tmp_path / "stage"
-    with pytest.raises(RecipeError, match=r"^quantize.group_size: 48 does not divide") as error:
-        quantize.run(lm_artifact, QuantizeStep(group_size=48), make_context(stage, lm_evalset))
+    with pytest.raises(RecipeError, match=r"^quantize.group_size: 128 does not divide") as error:
+        quantize.run(lm_artifact, QuantizeStep(group_size=128), make_context(stage, lm_evalset))
     assert error.value.exit_code == 2 and not stage.exists()
 
 
