@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BITS = "pipelines/bits.yaml"
 # Rows of the bit-width table; the QAT torch model (fake-quant, dequantizing on every call) is only a step
 # towards its QDQ export.
-SKIPPED = {"base", "08-qat"}
+SKIPPED = {"base", "09-qat"}
 
 
 def encoder_quant(workdir: Path, section) -> str:
@@ -27,13 +27,15 @@ def encoder_quant(workdir: Path, section) -> str:
     recipe = load_recipe(ROOT / BITS)
 
     variants = []
+    kinds = {stage["name"]: Kind.from_json(stage["kind"]) for stage in manifest["stages"]}
     for stage in manifest["stages"]:
-        if stage["name"] in SKIPPED:
+        name, kind = stage["name"], kinds[stage["name"]]
+        if name in SKIPPED:
             continue
-        kind = Kind.from_json(stage["kind"])
-        parent = None if stage["name"] == "00-finetune" else "01-export"
-        variants.append(Variant(stage["name"], out / stage["name"], kind.format, kind.precision,
-                                parent if kind.format == "onnx" and stage["name"] != "01-export" else None))
+        parent = None  # the graph each ONNX row was made from; the fp32 graph for the QAT export
+        if kind.format == "onnx" and name != "01-export":
+            parent = stage["input"] if kinds[stage["input"]].format == "onnx" else "01-export"
+        variants.append(Variant(name, out / name, kind.format, kind.precision, parent))
     variants += _optimum_variants(out, recipe, workdir)
     evals = _eval_set(out, recipe)
     results = run_bench(variants, evals, recipe.bench, "00-finetune")
@@ -131,7 +133,7 @@ def _what_each_row_is() -> list[str]:
     from compress.pipeline import half_precision_note
 
     return [half_precision_note(["02-fp16"]),
-            ("07-int4-weights: 4-bit MatMulNBits weights with int8 compute (accuracy_level 4); embeddings as "
+            ("08-int4-weights: 4-bit MatMulNBits weights with int8 compute (accuracy_level 4); embeddings as "
              "GatherBlockQuantized where the graph allows."),
             ("optimum rows: ORTQuantizer on the same 01-export graph with AutoQuantizationConfig.avx512_vnni "
              "(dynamic per-channel; static per-tensor QDQ, min-max over 256 training rows).")]

@@ -133,10 +133,12 @@ def _validate(args: argparse.Namespace) -> int:
     stages = plan_stages(recipe.steps)
     reference = baseline(stages, recipe.bench.baseline)
     extra = baseline_export(stages, reference)
-    for stage in [*stages, *([extra] if extra else [])]:
+    shown = [*stages, *([extra] if extra else [])]
+    width = max(len(stage.name) for stage in shown)
+    for stage in shown:
         source = f" <- {stage.input}" if stage.input else ""
         mark = "  (baseline)" if stage is reference else ""
-        print(f"  {stage.name:<16} {stage.kind.describe()}{source}{mark}")
+        print(f"  {stage.name:<{width}}  {stage.kind.describe()}{source}{mark}")
     return 0
 
 
@@ -301,6 +303,8 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     optimum.utils.logging.set_verbosity_error()
+    # torchao, which transformers imports when present, registers enums torch now deprecates registering.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
