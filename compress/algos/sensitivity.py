@@ -66,11 +66,6 @@ def keep_in_float(ranked: list[str], quantize: Quantize, drop: Callable[[Any], f
     return Fallback(ranked[:passing], met["drop"], trials)
 
 
-def metric_drop(reference: float, candidate: float, higher_is_better: bool) -> float:
-    """Accuracy points lost (as a fraction), or a lower-is-better metric's relative rise (perplexity)."""
-    return reference - candidate if higher_is_better else candidate / reference - 1
-
-
 def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """KL(softmax(reference) || softmax(candidate)) over the last axis, one value per row or position."""
     ref_log = _log_softmax(reference.astype(np.float64))

@@ -148,3 +148,8 @@ def _logsumexp(logits: np.ndarray) -> np.ndarray:
 
 def _bar(evalset: EvalSet, metric: str, progress: bool) -> tqdm:
     return tqdm(total=len(evalset), desc=f"eval {metric}", unit="rows", disable=not progress, leave=False)
+
+
+def metric_drop(reference: float, candidate: float, higher_is_better: bool) -> float:
+    """Accuracy points lost (as a fraction), or a lower-is-better metric's relative rise (perplexity)."""
+    return reference - candidate if higher_is_better else candidate / reference - 1

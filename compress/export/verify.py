@@ -8,7 +8,7 @@ import numpy as np
 
 from compress.arch import is_text_stream
 from compress.errors import ExportMismatch
-from compress.eval.metrics import EvalResult, agreement
+from compress.eval.metrics import EvalResult, agreement, metric_drop
 from compress.evalset import EvalSet
 from compress.settings import FloatTolerance, QuantTolerance
 
@@ -71,10 +71,7 @@ def verify_quantized(reference: EvalResult, candidate: EvalResult, evalset: Eval
     The drop is in fraction points for a higher-is-better metric (accuracy), and a relative rise
     (candidate / reference - 1) for a lower-is-better one (perplexity).
     """
-    if higher_is_better:
-        drop = reference.value - candidate.value
-    else:
-        drop = candidate.value / reference.value - 1
+    drop = metric_drop(reference.value, candidate.value, higher_is_better)
     agreed = agreement(reference, candidate, evalset)
     measured = {
         "metric": reference.name,

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from compress.algos.sensitivity import keep_in_float, kl_divergence, metric_drop, rank_layers
+from compress.algos.sensitivity import keep_in_float, kl_divergence, rank_layers
 from compress.arch import TASKS, is_text_stream
 from compress.artifact import GRAPH, Artifact, step_record
 from compress.context import Context
 from compress.errors import NothingToDo
-from compress.eval.metrics import evaluate
+from compress.eval.metrics import evaluate, metric_drop
 from compress.eval.runners import OrtRunner
 from compress.evalset import EvalSet
 from compress.export.onnx import graph_runtime

@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compress.algos.sensitivity import keep_in_float, kl_divergence, metric_drop, rank_layers
+from compress.algos.sensitivity import keep_in_float, kl_divergence, rank_layers
 from compress.errors import ExportMismatch
+from compress.eval.metrics import metric_drop
 
 LAYERS = {"q": "MatMul", "k": "MatMul", "ffn": "MatMul", "head": "Gemm", "embed": "Gather"}
 # What quantizing each layer costs, in accuracy points; the fake model's drop is the sum over quantized layers.
