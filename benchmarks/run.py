@@ -249,7 +249,7 @@ def main(which: str) -> None:
         "quant": lambda w: encoder_quant(w, _section),
         "llm-int4": lambda w: pipeline(
             "pipelines/llm-int4.yaml", "llm-int4", "Decoder 4-bit weight-only (SmolLM2-135M, WikiText-2 test)",
-            [GGUF_NOTE], (f"data.eval.path={_shared('wikitext2/wiki.test.raw')}",)),
+            [GGUF_NOTE], (f"data.eval.path={_shared('wikitext2/wiki.test.raw')}", "data.max_eval_tokens=8192")),
     }
     for key in jobs if which == "all" else [which]:
         with tempfile.TemporaryDirectory(prefix=f"bench-{key}-") as workdir:
