@@ -116,7 +116,7 @@ def _headline(rows: dict) -> list[str]:
         lines.append(f"Fastest compress int8 within 0.5 point of fp32: {best['name']}, "
                      f"{optimum['latency_ms']['p50'] / best['latency_ms']['p50']:.2f}x optimum's dynamic int8 "
                      f"({best['latency_ms']['p50']:.2f} vs {optimum['latency_ms']['p50']:.2f} ms p50), "
-                     f"{_drop(best) * 100:+.2f} points vs PyTorch fp32.")
+                     f"{best['metric_delta'] * 100:+.2f} points vs PyTorch fp32.")
     else:
         lines.append("No compress int8 row stayed within 0.5 point of fp32.")
     smallest = min(ours, key=lambda row: row["size_bytes"])
