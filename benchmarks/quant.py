@@ -39,6 +39,7 @@ def encoder_quant(workdir: Path, section) -> str:
     variants += _optimum_variants(out, recipe, workdir)
     evals = _eval_set(out, recipe)
     results = run_bench(variants, evals, recipe.bench, "00-finetune")
+    (out / "results-with-optimum.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = {row["name"]: row for row in results["rows"]}
     made = ", ".join(f"{stage['name']} {stage['seconds']:.0f} s" for stage in manifest["stages"] if stage["seconds"])
     notes = [*_headline(rows), f"Seconds each stage took when it was made (with its verification): {made}.",
