@@ -71,7 +71,8 @@ def _optimum_variants(out: Path, recipe, workdir: Path) -> list:
         if is_static:
             calibration = _calibration_dataset(quantizer, tokenizer, recipe)
             ranges = quantizer.fit(dataset=calibration, calibration_config=AutoCalibrationConfig.minmax(calibration),
-                                   operators_to_quantize=qconfig.operators_to_quantize)
+                                   operators_to_quantize=qconfig.operators_to_quantize,
+                                   onnx_augmented_model_name=workdir / "augmented_model.onnx")  # not the cwd
         quantizer.quantize(save_dir=target, quantization_config=qconfig, calibration_tensors_range=ranges)
         graph = next(target.glob("*quantized.onnx"))
         directory = workdir / f"{target.name}-artifact"
