@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compress.errors import ArtifactError
+from compress.errors import ArtifactError, BackendError
 from compress.export.calibration import graph_feeds
 from compress.export.quantize import int8_weight_count, nodes_matching, op_counts, quantizable_layers
 from compress.sysinfo import machine_info
@@ -108,7 +109,17 @@ def preprocessed(src: Path, dst: Path, external_data: bool) -> Path:
                             "weights QDQ cannot quantize; quantize the portable graph (put ptq before ort-fuse, or "
                             "branch from the export stage with 'from')")
     # auto_merge: the exported graphs' symbolic dims (batch, sequence) meet in ops that inference cannot unify.
-    quant_pre_process(src, dst, auto_merge=True, save_as_external_data=external_data)
+    # When inference still fails, ONNX Runtime dumps its partial graph into the working directory and raises a
+    # bare Exception: run it from the scratch directory, and say what failed.
+    here = os.getcwd()
+    os.chdir(dst.parent)
+    try:
+        quant_pre_process(src.resolve(), dst.resolve(), auto_merge=True, save_as_external_data=external_data)
+    except Exception as err:
+        raise BackendError(f"ptq mode static: ONNX Runtime's pre-processing failed on this graph ({err}); "
+                           "use ptq mode dynamic or weight-only") from err
+    finally:
+        os.chdir(here)
     return dst
 
 

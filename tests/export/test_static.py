@@ -123,3 +123,22 @@ def test_static_on_a_fused_graph_is_refused_by_the_recipe_check():
 
     with pytest.raises(ValueError, match=r"steps\[2\] \(ptq\) .*static QDQ cannot reach the weights inside"):
         plan_stages([ExportStep(), OrtFuseStep(), PTQStep(mode="static")])
+
+
+def test_failed_preprocessing_is_typed_and_leaves_nothing_in_the_working_directory(portable_classifier, tmp_path,
+                                                                                  monkeypatch):
+    import onnxruntime.quantization
+
+    from compress.errors import BackendError
+
+    def fail_like_onnxruntime(src, dst, **options):  # it dumps its partial graph into the working directory
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"partial")
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quant_pre_process", fail_like_onnxruntime)
+    workdir, scratch = tmp_path / "cwd", tmp_path / "scratch"
+    workdir.mkdir(), scratch.mkdir()
+    monkeypatch.chdir(workdir)
+    with pytest.raises(BackendError, match=r"pre-processing failed on this graph \(Incomplete symbolic shape"):
+        StaticInt8(portable_classifier, scratch, [])
+    assert not list(workdir.iterdir()) and Path.cwd() == workdir
