@@ -133,7 +133,7 @@ def test_failed_preprocessing_is_typed_and_leaves_nothing_in_the_working_directo
 
     def fail_like_onnxruntime(src, dst, **options):  # it dumps its partial graph into the working directory
         Path("sym_shape_infer_temp.onnx").write_bytes(b"partial")
-        raise Exception("Incomplete symbolic shape inference")
+        raise Exception("Incomplete symbolic shape inference")  # noqa: TRY002 -- what ONNX Runtime raises
 
     monkeypatch.setattr(onnxruntime.quantization, "quant_pre_process", fail_like_onnxruntime)
     workdir, scratch = tmp_path / "cwd", tmp_path / "scratch"
