@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from compress.artifact import Artifact
 from compress.context import Context
 from compress.evalset import EvalSet
+from compress.export.onnx import export_onnx, fuse_for_onnxruntime
+from compress.kinds import Kind
 
 
 @pytest.fixture
@@ -17,3 +20,21 @@ def make_context():
                        quiet=True)
 
     return make
+
+
+def fused_artifact(model, tokenizer, task: str, directory: Path) -> Artifact:
+    graph = export_onnx(model, task, directory / "model.onnx", opset=17)
+    fuse_for_onnxruntime(graph, model.config)
+    return Artifact(task, model.config, tokenizer, onnx_path=graph, kind=Kind("onnx", runtime="onnxruntime"))
+
+
+@pytest.fixture(scope="module")
+def fp32_classifier(tiny_classifier, tmp_path_factory) -> Artifact:
+    """The tiny classifier as an ONNX Runtime-fused fp32 graph."""
+    return fused_artifact(*tiny_classifier, "sequence-classification", tmp_path_factory.mktemp("classifier"))
+
+
+@pytest.fixture(scope="module")
+def fp32_lm(tiny_causal_lm, tmp_path_factory) -> Artifact:
+    """The tiny Llama as an ONNX Runtime-fused fp32 graph."""
+    return fused_artifact(*tiny_causal_lm, "causal-lm", tmp_path_factory.mktemp("lm"))

@@ -13,7 +13,7 @@ from compress.context import Context
 from compress.data import TaskData
 from compress.errors import DataError, ExportMismatch, NothingToDo
 from compress.evalset import EvalSet
-from compress.export.onnx import export_onnx, fuse_for_onnxruntime
+from compress.export.onnx import export_onnx
 from compress.kinds import Kind
 from compress.passes import ptq
 from compress.recipe import PTQStep
@@ -21,17 +21,6 @@ from compress.sysinfo import has_vnni, machine_info
 
 TEXT = Features({"text": Value("string")})
 LENIENT = {"max_metric_drop": 1.0, "min_agreement": 0.0}  # random tiny models: judge the mechanics only
-
-
-def fp32_artifact(model, tokenizer, task: str, directory: Path) -> Artifact:
-    graph = export_onnx(model, task, directory / "model.onnx", opset=17)
-    fuse_for_onnxruntime(graph, model.config)
-    return Artifact(task, model.config, tokenizer, onnx_path=graph, kind=Kind("onnx", runtime="onnxruntime"))
-
-
-@pytest.fixture(scope="module")
-def fp32_classifier(tiny_classifier, tmp_path_factory) -> Artifact:
-    return fp32_artifact(*tiny_classifier, "sequence-classification", tmp_path_factory.mktemp("fp32"))
 
 
 def test_ptq_makes_a_smaller_int8_graph_that_deploys_alone(fp32_classifier, classification_evalset, tmp_path,
@@ -91,9 +80,8 @@ def test_ptq_of_a_portable_graph_stays_portable(tiny_classifier, classification_
     assert {node.domain for node in onnx.load(str(quantized.onnx_path)).graph.node} <= {"", "ai.onnx"}
 
 
-def test_ptq_of_a_causal_lm_is_judged_by_perplexity(tiny_causal_lm, lm_evalset, tmp_path, make_context):
-    artifact = fp32_artifact(*tiny_causal_lm, "causal-lm", tmp_path / "fp32")
-    effect = ptq.run(artifact, PTQStep(verify=LENIENT), make_context(tmp_path, lm_evalset)).history[-1]["effect"]
+def test_ptq_of_a_causal_lm_is_judged_by_perplexity(fp32_lm, lm_evalset, tmp_path, make_context):
+    effect = ptq.run(fp32_lm, PTQStep(verify=LENIENT), make_context(tmp_path, lm_evalset)).history[-1]["effect"]
     assert effect["metric"] == "perplexity" and effect["count"] == int(lm_evalset.target_mask.sum())
     assert effect["metric_drop"] == pytest.approx(effect["metric_after"] / effect["metric_before"] - 1)
 

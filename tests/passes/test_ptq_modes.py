@@ -7,30 +7,12 @@ from pathlib import Path
 import onnx
 import pytest
 
-from compress.artifact import Artifact
 from compress.errors import DataError, NothingToDo
-from compress.export.onnx import export_onnx, fuse_for_onnxruntime
 from compress.kinds import Kind
 from compress.passes import ptq
 from compress.recipe import PTQStep
 
 LENIENT = {"max_metric_drop": 1.0, "min_agreement": 0.0}  # random tiny models: judge the mechanics only
-
-
-def fused_artifact(model, tokenizer, task: str, directory: Path) -> Artifact:
-    graph = export_onnx(model, task, directory / "model.onnx", opset=17)
-    fuse_for_onnxruntime(graph, model.config)
-    return Artifact(task, model.config, tokenizer, onnx_path=graph, kind=Kind("onnx", runtime="onnxruntime"))
-
-
-@pytest.fixture(scope="module")
-def fp32_classifier(tiny_classifier, tmp_path_factory) -> Artifact:
-    return fused_artifact(*tiny_classifier, "sequence-classification", tmp_path_factory.mktemp("classifier"))
-
-
-@pytest.fixture(scope="module")
-def fp32_lm(tiny_causal_lm, tmp_path_factory) -> Artifact:
-    return fused_artifact(*tiny_causal_lm, "causal-lm", tmp_path_factory.mktemp("lm"))
 
 
 @pytest.fixture
