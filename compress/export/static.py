@@ -111,10 +111,10 @@ def preprocessed(src: Path, dst: Path, external_data: bool) -> Path:
     # auto_merge: the exported graphs' symbolic dims (batch, sequence) meet in ops that inference cannot unify.
     # When inference still fails, ONNX Runtime dumps its partial graph into the working directory and raises a
     # bare Exception: run it from the scratch directory, and say what failed.
-    here = os.getcwd()
+    here, src, dst = os.getcwd(), src.resolve(), dst.resolve()
     os.chdir(dst.parent)
     try:
-        quant_pre_process(src.resolve(), dst.resolve(), auto_merge=True, save_as_external_data=external_data)
+        quant_pre_process(src, dst, auto_merge=True, save_as_external_data=external_data)
     except Exception as err:
         raise BackendError(f"ptq mode static: ONNX Runtime's pre-processing failed on this graph ({err}); "
                            "use ptq mode dynamic or weight-only") from err

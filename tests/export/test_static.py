@@ -142,3 +142,12 @@ def test_failed_preprocessing_is_typed_and_leaves_nothing_in_the_working_directo
     with pytest.raises(BackendError, match=r"pre-processing failed on this graph \(Incomplete symbolic shape"):
         StaticInt8(portable_classifier, scratch, [])
     assert not list(workdir.iterdir()) and Path.cwd() == workdir
+
+
+def test_a_graph_named_relative_to_the_working_directory_is_found(portable_classifier, classification_evalset,
+                                                                   tmp_path, monkeypatch):
+    monkeypatch.chdir(portable_classifier.parent)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    quantizer = StaticInt8(Path(portable_classifier.name), scratch, calibration_batches(classification_evalset))
+    assert quantizer.graph.is_file() and quantizer.graph.parent == scratch
