@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from compress.algos.weight_only import WeightOnlyLinear, dequantized_copy, quantized_layers
 from compress.artifact import GRAPH_DATA, graph_files
 from compress.errors import ExportMismatch, RecipeError
-from compress.export.onnx import export_onnx
+from compress.export.onnx import export_onnx, save_graph
 
 CONTRIB = "com.microsoft"
 
@@ -27,7 +27,7 @@ def export_weight_only(model: Any, task: str, target: Path, opset: int, kv_cache
     for layer in layers.values():
         if layer.group_size < 16 or layer.group_size & (layer.group_size - 1):
             raise RecipeError(f"quantize.group_size: MatMulNBits needs a power of two >= 16, not {layer.group_size}")
-    graph_path = export_onnx(dequantized_copy(model), task, target, opset, **({"kv_cache": True} if kv_cache else {}))
+    graph_path = export_onnx(dequantized_copy(model), task, target, opset, kv_cache=kv_cache)
     external = len(graph_files(graph_path)) > 1
     graph = onnx.load(str(graph_path))
     lowered = lower_to_matmulnbits(graph, layers)
@@ -37,7 +37,7 @@ def export_weight_only(model: Any, task: str, target: Path, opset: int, kv_cache
                              f"exported graph ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     if external:  # onnx appends to an existing data file
         graph_path.with_name(GRAPH_DATA).unlink()
-    onnx.save(graph, str(graph_path), save_as_external_data=external, location=GRAPH_DATA)
+    save_graph(graph, graph_path, external)
     return graph_path
 
 
