@@ -9,6 +9,8 @@
 from importlib import import_module
 from typing import Any
 
+from compress.after_import import after_import
+
 __version__ = "0.1.0"
 
 # Loaded on first use: `import compress` stays cheap, so an ONNX bench worker never pulls in torch.
@@ -19,6 +21,18 @@ _PUBLIC = {
     "Artifact": "compress.artifact",
 }
 __all__ = ["Artifact", "Recipe", "__version__", "load_recipe", "run_pipeline"]
+
+
+
+def _teach_transformers_layer_shapes() -> None:
+    from compress.algos.shrink import install_reload_hook
+
+    install_reload_hook()
+
+
+# Structured pruning leaves blocks with their own FFN widths (and Llama blocks with their own query heads):
+# with `compress` imported, `AutoModelFor*.from_pretrained` builds those shapes before loading the weights.
+after_import("transformers.modeling_utils", _teach_transformers_layer_shapes)
 
 
 def __getattr__(name: str) -> Any:

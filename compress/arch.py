@@ -19,6 +19,14 @@ class Family:
     hidden_attr: str = "hidden_size"
     layers_attr: str = "num_hidden_layers"
     intermediate_attr: str = "intermediate_size"
+    # Structured pruning. Inside one block: the attention's output projection (its input columns are the heads,
+    # head after head), the FFN's input projections (their output rows are the neurons) and output projection.
+    attention_out: str = ""
+    ffn_in: tuple[str, ...] = ()
+    ffn_out: str = ""
+    # "transformers": the model's own `prune_heads` (BERT, GPT-2...), reloaded from `config.pruned_heads`.
+    # "grouped-query": query heads leave each key-value group evenly (Llama), reloaded from `config.layer_shapes`.
+    head_pruning: str = "transformers"
     # AWQ moves per-channel scales from quantized Linears into what feeds them: per block, the norm or Linear
     # whose output they all read -> those Linears. neural-compressor finds these by tracing with torch.jit, which
     # fails on transformers' Llama and silently leaves plain RTN, so they are named here.
@@ -27,16 +35,22 @@ class Family:
 
 
 BERT_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
+BERT_UNITS = {"attention_out": "attention.output.dense", "ffn_in": ("intermediate.dense",), "ffn_out": "output.dense"}
 FAMILIES: dict[str, Family] = {
-    "bert": Family("bert", "embeddings", "encoder.layer", BERT_QKV),
-    "roberta": Family("bert", "embeddings", "encoder.layer", BERT_QKV),
+    "bert": Family("bert", "embeddings", "encoder.layer", BERT_QKV, **BERT_UNITS),
+    "roberta": Family("bert", "embeddings", "encoder.layer", BERT_QKV, **BERT_UNITS),
     "distilbert": Family("bert", "embeddings", "transformer.layer",
                          ("attention.q_lin", "attention.k_lin", "attention.v_lin"), heads_attr="n_heads",
-                         hidden_attr="dim", layers_attr="n_layers", intermediate_attr="hidden_dim"),
+                         hidden_attr="dim", layers_attr="n_layers", intermediate_attr="hidden_dim",
+                         attention_out="attention.out_lin", ffn_in=("ffn.lin1",), ffn_out="ffn.lin2"),
+    # Conv1D layers (weights stored input-major) and one fused query-key-value projection.
     "gpt2": Family("gpt2", "wte", "h", None, heads_attr="n_head", hidden_attr="n_embd", layers_attr="n_layer",
-                   intermediate_attr="n_inner"),
+                   intermediate_attr="n_inner", attention_out="attn.c_proj", ffn_in=("mlp.c_fc",),
+                   ffn_out="mlp.c_proj"),
     # No Llama fuser in ORT; the GPT-2 one still fuses what it can.
     "llama": Family("gpt2", "embed_tokens", "layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    attention_out="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+                    ffn_out="mlp.down_proj", head_pruning="grouped-query",
                     awq_pairs={"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
                                "mlp.up_proj": ("mlp.down_proj",)},

@@ -371,6 +371,98 @@ class QuantizeStep(Step):
         return given.evolve(weights=f"int{self.bits}-weight-only")
 
 
+class L0Settings(Strict):
+    """importance l0: hard-concrete gates trained with the model during the first `share` of the `recover`
+    steps toward the target sizes; then the closed units go and the rest of the steps train the smaller model."""
+
+    share: float = Field(0.5, gt=0, le=1)  # of the recovery steps, with the gates
+    warmup: float = Field(0.5, ge=0, le=1)  # of the gate steps, over which the target size is approached
+    lr: float = Field(0.05, gt=0, lt=1)  # the gates' and Lagrange multipliers' own Adam learning rate
+    init_open: float = Field(0.9, gt=0, lt=1)  # a fresh gate's chance of being open
+
+
+Ratio = Annotated[float, Field(ge=0, lt=1)]
+# heads / ffn: a ratio removed (allocation global, uniform), counts kept per block (per_layer) or one count kept
+# in every block (top_k).
+UnitAmount = float | PositiveInt | list[NonNegativeInt]
+# The settings each prune `method` reads; another method's field is a recipe error naming it.
+PRUNE_FIELDS = {
+    "structured": {"importance", "allocation", "heads", "ffn", "layers", "allow_layer_drop", "calibration", "l0",
+                   "recover"},
+}
+PRUNE_COMMON = {"kind", "from_", "name", "method"}
+ALLOCATION_AMOUNT = {"global": "a ratio in [0, 1) removed", "uniform": "a ratio in [0, 1) removed",
+                     "per_layer": "a list of counts kept, one per block", "top_k": "a count kept in every block"}
+
+
+class PruneStep(Step):
+    """Remove parts of the model. structured: attention heads, FFN neurons and whole blocks leave the weight
+    matrices, chosen by importance (gradient, activation, magnitude, or L0 gates trained toward the target) and
+    an allocation rule; `recover` then trains the smaller model, distilled from the unpruned one by default."""
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["structured"] = "structured"
+    importance: Literal["gradient", "activation", "magnitude", "l0"] = "gradient"
+    allocation: Literal["global", "uniform", "per_layer", "top_k"] = "global"
+    heads: UnitAmount | None = None
+    ffn: UnitAmount | None = None
+    layers: Ratio | list[NonNegativeInt] | None = None  # blocks removed: indices, or the ratio least missed
+    # Under global allocation a block keeps at least one head (one key-value group's worth) unless this is set;
+    # then a block the ranking empties is removed whole.
+    allow_layer_drop: bool = False
+    calibration: Calibration = Calibration(samples=256)  # rows the importance scores are measured on
+    l0: L0Settings = L0Settings()
+    recover: RecoverSettings | None = None  # training after pruning (needed by importance l0)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> PruneStep:
+        stray = sorted(self.model_fields_set - PRUNE_FIELDS[self.method] - PRUNE_COMMON)
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: not a setting of prune method {self.method!r}")
+        if self.heads is None and self.ffn is None and self.layers is None:
+            raise ValueError("give what to remove: heads, ffn, layers, or several")
+        for name in ("heads", "ffn"):
+            amount = getattr(self, name)
+            if amount is not None and not _fits_allocation(amount, self.allocation):
+                raise ValueError(f"{name}: allocation {self.allocation} takes {ALLOCATION_AMOUNT[self.allocation]} "
+                                 f"(got {amount})")
+        if isinstance(self.layers, list) and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers: list each block once (got {self.layers})")
+        if self.importance == "l0":
+            if self.allocation != "global":
+                raise ValueError("importance l0: the gates decide where units go, so allocation must be global")
+            if self.recover is None:
+                raise ValueError("importance l0: the gates are trained during recovery; add a 'recover' block")
+        if self.recover is not None and self.recover.attention_weight and self.heads is not None:
+            raise ValueError("recover.attention_weight: attention maps need the teacher's head counts, which "
+                             "head pruning changes; distil logits, hidden states or relations")
+        return self
+
+    @property
+    def needs_data(self) -> tuple[str, ...]:
+        scores_on_rows = self.importance in ("gradient", "activation") or isinstance(self.layers, float)
+        return (("calib",) if scores_on_rows else ()) + (("train",) if self.recover else ())
+
+    @property
+    def reads_labels(self) -> bool:
+        return self.recover is not None and (self.recover.distill_from == "none" or self.recover.alpha < 1)
+
+    def output_kind(self, given: Kind) -> Kind:
+        _torch_float("prune", given)
+        if given.sparsity == "masks":
+            raise StepRejects("its masks are still live; make the sparsity permanent first")
+        return given.evolve(per_layer_shapes=given.per_layer_shapes or self.heads is not None
+                            or self.ffn is not None)
+
+
+def _fits_allocation(amount: Any, allocation: str) -> bool:
+    if allocation in ("global", "uniform"):
+        return isinstance(amount, float) and 0 <= amount < 1
+    if allocation == "per_layer":
+        return isinstance(amount, list) and len(amount) > 0
+    return isinstance(amount, int) and amount >= 1
+
+
 class StudentSpec(Strict):
     """The student: a layer selection of the teacher (default), a smaller config of its family, or a model."""
 
@@ -423,8 +515,8 @@ class DistillStep(KDLoss, TrainSettings, Step):
         return given
 
 
-AnyStep = Annotated[FinetuneStep | ExportStep | OrtFuseStep | PTQStep | DistillStep | QATStep | QuantizeStep,
-                    Field(discriminator="kind")]
+AnyStep = Annotated[FinetuneStep | ExportStep | OrtFuseStep | PTQStep | DistillStep | QATStep | QuantizeStep
+                    | PruneStep, Field(discriminator="kind")]
 
 
 class Recipe(Strict):

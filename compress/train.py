@@ -133,6 +133,12 @@ def train(
     return run.fit(evaluate, desc, quiet)
 
 
+def planned_steps(micro_batches: int, settings: TrainSettings) -> int:
+    """Optimizer steps a run over `micro_batches` batches an epoch makes."""
+    steps_per_epoch = math.ceil(micro_batches / settings.grad_accum)
+    return min(steps_per_epoch * settings.epochs, settings.max_steps or math.inf)
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
     """fp32, bf16 or fp16: `auto` takes bf16 where the device computes it natively."""
     if requested == "fp16" and device.type != "cuda":
@@ -159,8 +165,7 @@ class TrainingRun:
         self.module = accelerator.unwrap_model(model)
         self.loss_fn, self.callbacks, self.precision = loss_fn, callbacks, precision
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-        steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
-        total = min(steps_per_epoch * settings.epochs, settings.max_steps or math.inf)
+        total = planned_steps(len(loader), settings)
         self.state = TrainState(total_steps=total)
         self.optimizer = adamw(self.module, settings)
         warmup = math.ceil(total * settings.warmup_ratio)

@@ -56,6 +56,8 @@ def select_layers(teacher: Any, layers: list[int]) -> Any:
         renumber(block, position)
     setattr(student.config, arch.layers_attr, len(layers))
     student.config.pruned_heads = rekeyed_pruned_heads(student.config.pruned_heads, layers)
+    if getattr(student.config, "layer_shapes", None):
+        student.config.layer_shapes = rekeyed_layer_shapes(student.config, layers)
     return student
 
 
@@ -91,6 +93,12 @@ def rekeyed_pruned_heads(pruned_heads: dict[int, list[int]], layers: list[int]) 
             for position, index in enumerate(layers) if index in pruned_heads}
 
 
+def rekeyed_layer_shapes(config: Any, layers: list[int]) -> dict[str, list[int]] | None:
+    """Structured pruning's per-block widths (`config.layer_shapes`) of blocks `layers`, in that order."""
+    shapes = getattr(config, "layer_shapes", None)
+    return {name: [sizes[i] for i in layers] for name, sizes in shapes.items()} if shapes else None
+
+
 def smaller_config(teacher_config: Any, num_layers: int | None = None, hidden_size: int | None = None,
                    intermediate_size: int | None = None, num_heads: int | None = None) -> Any:
     """A copy of the teacher's config with the given sizes, none larger than the teacher's. Grouped-query
@@ -108,12 +116,14 @@ def smaller_config(teacher_config: Any, num_layers: int | None = None, hidden_si
     same_widths = hidden_size is None and intermediate_size is None and num_heads is None
     if not same_widths:
         fit_heads(config, teacher_config, arch)
-    # Pruned heads name teacher blocks at the teacher's widths: they carry over to the student's copies of
-    # those blocks only when the widths stay.
+    # Pruned heads and per-block widths name teacher blocks at the teacher's widths: they carry over to the
+    # student's copies of those blocks only when the widths stay.
     config.pruned_heads = {}
+    teacher_blocks = uniform_layers(getattr(config, arch.layers_attr), getattr(teacher_config, arch.layers_attr))
     if same_widths:
-        depths = (getattr(config, arch.layers_attr), getattr(teacher_config, arch.layers_attr))
-        config.pruned_heads = rekeyed_pruned_heads(teacher_config.pruned_heads, uniform_layers(*depths))
+        config.pruned_heads = rekeyed_pruned_heads(teacher_config.pruned_heads, teacher_blocks)
+    if getattr(config, "layer_shapes", None):
+        config.layer_shapes = rekeyed_layer_shapes(teacher_config, teacher_blocks) if same_widths else None
     return config
 
 

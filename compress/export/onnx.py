@@ -62,11 +62,15 @@ def fuse_for_onnxruntime(path: Path, config: Any) -> dict[str, int]:
     # BERT's default turns the mask into per-row lengths, which is wrong for left-padded rows; the raw mask
     # is as fast.
     options.attention_mask_format = AttentionMaskFormat.AttentionMask
+    # Blocks that kept different head counts (structured pruning): 0 lets the fuser read each block's count
+    # and width from its own reshape.
+    uniform = not getattr(config, "pruned_heads", None) and "num_attention_heads" not in (
+        getattr(config, "layer_shapes", None) or {})
     optimized = optimize_model(
         str(path),
         model_type=arch.ort_model_type,
-        num_heads=getattr(config, arch.heads_attr),
-        hidden_size=getattr(config, arch.hidden_attr),
+        num_heads=getattr(config, arch.heads_attr) if uniform else 0,
+        hidden_size=getattr(config, arch.hidden_attr) if uniform else 0,
         optimization_options=options,
         opt_level=FUSION_OPT_LEVEL,
     )
