@@ -11,6 +11,8 @@
     python benchmarks/run.py distill-speed     # samples/s of the distill step, fp32 vs bf16 autocast
     python benchmarks/run.py quant        # pipelines/bits.yaml (every precision) + optimum's ORTQuantizer, one bench
     python benchmarks/run.py llm-int4     # SmolLM2-135M 4-bit g128 (RTN, GPTQ, AWQ; ONNX weight-only) on WikiText-2
+    python benchmarks/run.py prune        # MiniLM-L6 structured pruning: importance vs rule vs L0, 50 % and 70 %
+    python benchmarks/run.py llm-prune    # SmolLM2-135M heads + MLP channels, recovered on Tiny Shakespeare, WikiText-2
     python benchmarks/run.py all
 """
 
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from prune import prune_summary  # benchmarks/prune.py, beside this script
 from quant import encoder_quant  # benchmarks/quant.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +101,16 @@ def pipeline(recipe: str, name: str, title: str, notes: list[str], overrides: tu
     return _section(title, f"python benchmarks/run.py {name}   # = {shown}", results, [timing, *notes])
 
 
+def with_notes(text: str, notes: list[str]) -> str:
+    return text.replace("#### Notes\n\n", "#### Notes\n\n" + "".join(f"- {note}\n" for note in notes), 1)
+
+
+def structured_pruning() -> str:
+    text = pipeline("benchmarks/recipes/prune-compare.yaml", "prune",
+                    "Structured pruning: MiniLM-L6 (SST-2), importance vs rule vs L0 at equal size", [], fresh=False)
+    return with_notes(text, prune_summary(ROOT / "runs" / "bench-prune"))
+
+
 def distill_headline() -> str:
     """The distill-L3 pipeline on the shipped 12k-row sample."""
     text = pipeline("pipelines/distill-L3.yaml", "distill", "Distillation: MiniLM-L6 into 3 layers (distill-L3)", [])
@@ -121,7 +134,7 @@ def _with_distill_summary(text: str, name: str) -> str:
     faster = teacher["latency_ms"]["p50"] / student["latency_ms"]["p50"]
     summary = (f"Student vs teacher, both ONNX Runtime fp32 (02-export vs baseline-export): {kept:.1%} of the "
                f"teacher's accuracy at {faster:.2f}x its speed (batch 1, 128 real tokens, 2 threads).")
-    return text.replace("#### Notes\n\n", f"#### Notes\n\n- {summary}\n", 1)
+    return with_notes(text, [summary])
 
 
 def distill_ablation() -> str:
@@ -255,6 +268,12 @@ def main(which: str) -> None:
             "pipelines/llm-int4.yaml", "llm-int4", "Decoder 4-bit weight-only (SmolLM2-135M, WikiText-2 test)",
             [GGUF_NOTE], (f"data.eval.path={_shared('wikitext2/wiki.test.raw')}", "data.max_eval_tokens=8192"),
             fresh=False),
+        "prune": lambda w: structured_pruning(),
+        "llm-prune": lambda w: pipeline(
+            "pipelines/llm-prune-structured.yaml", "llm-prune",
+            "Decoder structured pruning (SmolLM2-135M: query heads and MLP channels, WikiText-2 test)", [GGUF_NOTE],
+            (f"data.eval.path={_shared('wikitext2/wiki.test.raw')}",
+             f"data.train.path={_shared('tinyshakespeare/input.txt')}", "data.max_eval_tokens=8192")),
     }
     for key in jobs if which == "all" else [which]:
         with tempfile.TemporaryDirectory(prefix=f"bench-{key}-") as workdir:

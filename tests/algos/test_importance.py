@@ -9,18 +9,7 @@ from compress.algos.units import HEADS, NEURONS
 
 SENTENCES = ["good movie and a great plot", "awful film", "the actor was not very fun but the story was",
              "dull slow scene"]
-HEAD = 8  # both variants below: width 32, 4 heads of width 8, 64 FFN neurons, 3 blocks
-
-
-def variant(model, **changes):
-    """A seeded random model of `model`'s class with config fields `changes`, weights large enough (init 0.2)
-    that every unit visibly moves the logits."""
-    config = copy.deepcopy(model.config)
-    config.initializer_range = 0.2
-    for name, value in changes.items():
-        setattr(config, name, value)
-    torch.manual_seed(0)
-    return type(model)(config).eval()
+HEAD = 8  # the conftest models: 4 heads of width 8
 
 
 def calibration(tokenizer, sentences=SENTENCES, batch_size=2):
@@ -28,18 +17,6 @@ def calibration(tokenizer, sentences=SENTENCES, batch_size=2):
     return [{key: values.astype(np.int64) for key, values in
              tokenizer(sentences[start:start + batch_size], padding=True, return_tensors="np").items()}
             for start in range(0, len(sentences), batch_size)]
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_classifier):
-    model, tokenizer = tiny_classifier
-    return variant(model, num_hidden_layers=3, num_attention_heads=4), tokenizer
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_causal_lm):
-    model, tokenizer = tiny_causal_lm  # 4 query heads in 2 key-value groups
-    return variant(model, num_hidden_layers=3), tokenizer
 
 
 @pytest.fixture(params=["bert", "llama"])

@@ -14,33 +14,11 @@ from compress.algos.shrink import (
     remove_neurons,
 )
 from compress.algos.units import HEADS, NEURONS, gated, heads_per_layer, neurons_per_layer
+from tests.algos.conftest import variant
 
 SENTENCES = ["good movie and a great plot", "awful film", "the actor was not very fun but the story was"]
 AUTO_CLASSES = {"bert": AutoModelForSequenceClassification, "llama": AutoModelForCausalLM}
-HIDDEN, HEAD = 32, 8  # both variants below: width 32, 4 heads of width 8, 64 FFN neurons, 3 blocks
-
-
-def variant(model, **changes):
-    """A seeded random model of `model`'s class with config fields `changes`, weights large enough (init 0.2)
-    that every unit visibly moves the logits."""
-    config = copy.deepcopy(model.config)
-    config.initializer_range = 0.2
-    for name, value in changes.items():
-        setattr(config, name, value)
-    torch.manual_seed(0)
-    return type(model)(config).eval()
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_classifier):
-    model, tokenizer = tiny_classifier
-    return variant(model, num_hidden_layers=3, num_attention_heads=4), tokenizer
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_causal_lm):
-    model, tokenizer = tiny_causal_lm  # 4 query heads in 2 key-value groups
-    return variant(model, num_hidden_layers=3), tokenizer
+HIDDEN, HEAD = 32, 8  # the conftest models: 4 heads of width 8
 
 
 @pytest.fixture(params=["bert", "llama"])

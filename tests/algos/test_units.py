@@ -9,29 +9,6 @@ from compress.algos.units import HEADS, NEURONS, gated, heads_per_layer, kv_grou
 SENTENCES = ["good movie and a great plot", "awful film", "the actor was not very fun but the story was"]
 
 
-def variant(model, **changes):
-    """A seeded random model of `model`'s class with config fields `changes`; weights large enough (init 0.2)
-    that every unit visibly moves the logits."""
-    config = copy.deepcopy(model.config)
-    config.initializer_range = 0.2
-    for name, value in changes.items():
-        setattr(config, name, value)
-    torch.manual_seed(0)
-    return type(model)(config).eval()
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_classifier):
-    model, tokenizer = tiny_classifier  # 2 blocks, 2 heads of width 16, 64 FFN neurons
-    return variant(model, num_hidden_layers=3, num_attention_heads=4), tokenizer
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_causal_lm):
-    model, tokenizer = tiny_causal_lm  # 2 blocks, 4 query heads in 2 key-value groups, head width 8
-    return variant(model, num_hidden_layers=3), tokenizer
-
-
 @pytest.fixture(params=["bert", "llama"])
 def model_and_inputs(request):
     """(model, inputs): shared, deepcopy before changing the model."""
