@@ -271,9 +271,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _brief(value: Any) -> str:
-    """Scalars as they are (floats to 4 significant digits), a list of evaluations as its last one."""
+    """Scalars as they are (floats to 4 significant digits), lists of numbers (per-block sizes) whole, a list of
+    evaluations as its last one."""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list) and value and all(isinstance(item, int | float) for item in value):
+        return "[" + ", ".join(_brief(item) for item in value) + "]"
     if isinstance(value, list) and value and isinstance(value[-1], dict):
         return "{" + ", ".join(f"{k} {_brief(v)}" for k, v in value[-1].items()) + "}"
     if isinstance(value, dict):

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from compress.algos.units import heads_per_layer, neurons_per_layer
 from compress.artifact import Artifact
+from compress.cli import main
 from compress.context import Context
 from compress.data import build_eval_set, load_task_data
 from compress.errors import ModelLoadError, RecipeError
@@ -206,7 +207,7 @@ def test_the_step_declares_what_it_reads():
 
 
 def test_pipeline_prune_export_fuse_verifies_with_per_block_head_counts(tmp_path, tiny_classifier,
-                                                                         sentiment_files):
+                                                                         sentiment_files, capsys):
     model, tokenizer = tiny_classifier
     source = tmp_path / "four-heads"
     deeper_classifier(model).save_pretrained(source)
@@ -223,3 +224,5 @@ def test_pipeline_prune_export_fuse_verifies_with_per_block_head_counts(tmp_path
     run_pipeline(load_recipe(path), tmp_path / "run", quiet=True)
     fused = json.loads((tmp_path / "run" / "02-ort-fuse" / "compress.json").read_text())["history"][-1]["effect"]
     assert fused["fusions"]["Attention"] == 4  # one fused attention per block, each with its own head count
+    assert main(["inspect", str(tmp_path / "run" / "00-prune")]) == 0
+    assert "after={heads [1, 2, 3, 4], ffn [16, 16, 32, 48]" in capsys.readouterr().out
