@@ -258,3 +258,39 @@ def test_pruned_llama_generates_with_the_kv_cache(llama):
     assert torch.equal(cached, expected)
     assert torch.equal(cached, uncached)
     assert not torch.equal(cached, unpruned)  # the removed units mattered
+
+
+@pytest.mark.parametrize("name", ["gpt2", "distilbert", "roberta"])
+def test_the_other_families_in_the_table_prune_and_reload(name, tmp_path):
+    from transformers import (
+        AutoModelForCausalLM,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    model, auto = {
+        "gpt2": lambda: (GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=4,
+                                                    n_positions=64)), AutoModelForCausalLM),
+        "distilbert": lambda: (DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=3, n_heads=4, hidden_dim=64)), AutoModelForSequenceClassification),
+        "roberta": lambda: (RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)),
+            AutoModelForSequenceClassification),
+    }[name]()
+    ids = torch.randint(3, 90, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        expected = gated_logits(model, {"input_ids": ids}, {1: [0]}, {2: [1, 2, 3]})
+    remove_heads(model, {1: [0]})
+    remove_neurons(model, {2: [1, 2, 3]})
+    assert heads_per_layer(model) == [4, 3, 4] and neurons_per_layer(model)[2] == neurons_per_layer(model)[0] - 3
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(auto.from_pretrained(tmp_path).eval()(input_ids=ids).logits, expected, atol=1e-5)
