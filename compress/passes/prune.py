@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from compress.algos.allocation import Choice, choose, layers_to_drop
+from compress.algos.allocation import Choice, choose, layers_to_drop, rule_counts
 from compress.algos.importance import activation_scores, gradient_scores, layer_scores, magnitude_scores
 from compress.algos.l0 import HardConcreteGates, L0Penalty
 from compress.algos.shrink import drop_layers, remove_heads, remove_neurons, scale_units
@@ -48,6 +48,11 @@ def run(artifact: Artifact, step: PruneStep, ctx: Context) -> Artifact:
         with refused_as_recipe_error():
             dropped = layers_to_drop(scores, step.layers)
     wanted = {kind: amount for kind, amount in ((HEADS, step.heads), (NEURONS, step.ffn)) if amount is not None}
+    if step.allocation != "global":  # counts fixed by the rule: refused before any importance is measured
+        with refused_as_recipe_error():
+            for kind, amount in wanted.items():
+                rule_counts(FIELDS[kind], units_per_layer(model, kind), step.allocation, amount,
+                            groups_of(model, kind), frozenset(dropped))
     effect: dict[str, Any] = {"importance": step.importance, "allocation": step.allocation}
     if step.importance == "l0":
         model = drop_layers(model, dropped) if dropped else model
@@ -92,9 +97,13 @@ def unit_scores(model: Any, importance: str, batches: Any, text_stream: bool) ->
 
 def allocate(model: Any, kind: str, scores: list[torch.Tensor], step: PruneStep, amount: Any,
              skip: frozenset[int], normalize: bool = True) -> Choice:
-    groups = [kv_groups(model, layer) if kind == HEADS else 1 for layer in range(len(scores))]
-    return choose(FIELDS[kind], scores, step.allocation, amount, groups,
+    return choose(FIELDS[kind], scores, step.allocation, amount, groups_of(model, kind),
                   allow_empty=kind == HEADS and step.allow_layer_drop, normalize=normalize, skip=skip)
+
+
+def groups_of(model: Any, kind: str) -> list[int]:
+    """Per block, the key-value groups a head count must be a multiple of (1 for FFN neurons)."""
+    return [kv_groups(model, layer) if kind == HEADS else 1 for layer in range(len(units_per_layer(model, kind)))]
 
 
 def remove_units(model: Any, choices: dict[str, Choice]) -> None:

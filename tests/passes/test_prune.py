@@ -103,8 +103,9 @@ def test_a_pruned_artifact_reloads_with_plain_from_pretrained(classifier, contex
     ({"layers": [1, 9]}, "layers: index 9 is out of range for a 4-block model"),
     ({"layers": [0, 1, 2, 3]}, "layers: removing 4 of 4 blocks leaves none"),
 ])
-def test_impossible_targets_are_refused_before_any_work(classifier, context, settings, message):
-    step = PruneStep(importance="magnitude", **settings)
+def test_impossible_targets_are_refused_before_any_work(classifier, context, settings, message, monkeypatch):
+    monkeypatch.setattr(prune, "unit_scores", lambda *args: pytest.fail("importance measured before the check"))
+    step = PruneStep(calibration=CALIB, **settings)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         prune.run(classifier, step, context())
 
