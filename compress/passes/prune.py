@@ -41,42 +41,62 @@ def run(artifact: Artifact, step: PruneStep, ctx: Context) -> Artifact:
     batches = None
     if "calib" in step.needs_data:
         batches = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size, "prune")
-    dropped = []
-    if step.layers is not None:
-        scores = layer_scores(model, batches, text_stream) if isinstance(step.layers, float) else \
-            torch.zeros(len(before["heads"]))
-        with refused_as_recipe_error():
-            dropped = layers_to_drop(scores, step.layers)
+    dropped = blocks_to_drop(model, step, batches, text_stream)
     wanted = {kind: amount for kind, amount in ((HEADS, step.heads), (NEURONS, step.ffn)) if amount is not None}
-    if step.allocation != "global":  # counts fixed by the rule: refused before any importance is measured
-        with refused_as_recipe_error():
-            for kind, amount in wanted.items():
-                rule_counts(FIELDS[kind], units_per_layer(model, kind), step.allocation, amount,
-                            groups_of(model, kind), frozenset(dropped))
-    effect: dict[str, Any] = {"importance": step.importance, "allocation": step.allocation}
+    check_rule_counts(model, step, wanted, dropped)
     if step.importance == "l0":
         model = drop_layers(model, dropped) if dropped else model
-        model, effect["l0"], summary = pruned_by_gates(model, artifact, step, wanted, ctx)
-        layers_gone = dropped
+        model, gates, summary = pruned_by_gates(model, artifact, step, wanted, ctx)
+        effect = {"l0": gates, "layers_removed": dropped}
     else:
-        scores = unit_scores(model, step.importance, batches, text_stream) if wanted else {}
-        with refused_as_recipe_error():
-            choices = {kind: allocate(model, kind, scores[kind], step, amount, frozenset(dropped))
-                       for kind, amount in wanted.items()}
-        emptied = choices[HEADS].emptied if HEADS in choices else []
-        effect |= {f"{FIELDS[k]}_kept_at_minimum": c.kept_at_minimum for k, c in choices.items() if c.kept_at_minimum}
-        if emptied:
-            effect["layers_emptied"] = emptied
-        remove_units(model, choices)
-        layers_gone = sorted({*dropped, *emptied})
-        model = drop_layers(model, layers_gone) if layers_gone else model
+        model, effect = pruned_by_importance(model, step, wanted, dropped, batches, text_stream)
         summary = recover(model, artifact, step.recover, ctx, "prune.recover") if step.recover else None
-    effect |= {"layers_removed": layers_gone, "before": before, "after": shape_of(model)}
+    effect = {"importance": step.importance, "allocation": step.allocation, **effect, "before": before,
+              "after": shape_of(model)}
     if summary is not None:
         effect["recovery"] = summary
     effect["seconds"] = round(time.perf_counter() - started, 2)
     model = model.to(ctx.device).eval()
     return artifact.evolve(step_record(step, **effect), model=model, config=model.config, kind=kind)
+
+
+def blocks_to_drop(model: Any, step: PruneStep, batches: Any, text_stream: bool) -> list[int]:
+    if step.layers is None:
+        return []
+    if isinstance(step.layers, float):
+        scores = layer_scores(model, batches, text_stream)
+    else:
+        scores = torch.zeros(len(units_per_layer(model, HEADS)))
+    with refused_as_recipe_error():
+        return layers_to_drop(scores, step.layers)
+
+
+def check_rule_counts(model: Any, step: PruneStep, wanted: dict[str, Any], dropped: list[int]) -> None:
+    """Counts fixed by a rule (not global ranking) are refused before any importance is measured."""
+    if step.allocation == "global":
+        return
+    with refused_as_recipe_error():
+        for kind, amount in wanted.items():
+            rule_counts(FIELDS[kind], units_per_layer(model, kind), step.allocation, amount, groups_of(model, kind),
+                        frozenset(dropped))
+
+
+def pruned_by_importance(model: Any, step: PruneStep, wanted: dict[str, Any], dropped: list[int], batches: Any,
+                         text_stream: bool) -> tuple[Any, dict[str, Any]]:
+    """Score the units, choose per the allocation, remove them and the dropped (or emptied) blocks."""
+    scores = unit_scores(model, step.importance, batches, text_stream) if wanted else {}
+    with refused_as_recipe_error():
+        choices = {kind: allocate(model, kind, scores[kind], step, amount, frozenset(dropped))
+                   for kind, amount in wanted.items()}
+    emptied = choices[HEADS].emptied if HEADS in choices else []
+    effect: dict[str, Any] = {f"{FIELDS[kind]}_kept_at_minimum": choice.kept_at_minimum
+                              for kind, choice in choices.items() if choice.kept_at_minimum}
+    if emptied:
+        effect["layers_emptied"] = emptied
+    remove_units(model, choices)
+    gone = sorted({*dropped, *emptied})
+    effect["layers_removed"] = gone
+    return (drop_layers(model, gone) if gone else model), effect
 
 
 @contextmanager
