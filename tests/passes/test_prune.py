@@ -162,6 +162,7 @@ def test_grouped_query_heads_leave_every_key_value_group_evenly(tiny_causal_lm, 
     data = load_task_data(cfg, "causal-lm")
     ctx = Context(stage_dir=tmp_path, task="causal-lm", max_length=32, data=data, quiet=True)
     result = prune.run(lm, PruneStep(allocation="uniform", heads=0.5, ffn=0.5, calibration=CALIB), ctx)
+    assert result.kind == Kind(per_layer_shapes=True)
     assert heads_per_layer(result.model) == [2, 2]  # 4 query heads over 2 key-value groups: one left in each
     assert result.model.config.layer_shapes == {"intermediate_size": [32, 32], "num_attention_heads": [2, 2]}
     result.save(tmp_path / "lm")
