@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# (label, pruned stage, the unpruned stage it is compared with): fp32 against fused fp32, int8 against int8.
+# (label, pruned stage, the unpruned stage it is compared with): fused fp32 against fused fp32, int8 against int8,
+# portable against portable.
 COMPARED = [
     ("gradient importance, global, 50 % of heads and FFN + recovery", "06-gradient-fused", "02-unpruned-fused"),
     ("the same in int8", "07-gradient-int8", "03-unpruned-int8"),
+    ("the same, portable graphs (no ONNX Runtime fusions)", "05-gradient-onnx", "01-unpruned-onnx"),
     ("rule: uniform 50 % of every block (magnitude), + recovery", "10-uniform-fused", "02-unpruned-fused"),
     ("L0 gates, 50 % + recovery", "13-l0-fused", "02-unpruned-fused"),
     ("gradient 50 %, no recovery", "16-no-recovery-fused", "02-unpruned-fused"),
