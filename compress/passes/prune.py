@@ -163,6 +163,8 @@ def pruned_by_gates(model: Any, artifact: Artifact, step: PruneStep, wanted: dic
     record = {"gate_steps": gate_steps, "expected_open_at_start": at_start, "expected_open": penalty.expected_open(),
               "closed_but_kept": {FIELDS[kind]: closed_but_kept(values[kind], choices[kind]) for kind in wanted},
               "layers_emptied": emptied, "gate_training": gating}
+    record |= {f"{FIELDS[kind]}_kept_at_minimum": choice.kept_at_minimum
+               for kind, choice in choices.items() if choice.kept_at_minimum}
     summary = None
     if total > gate_steps:
         rest = {"max_steps": total - gate_steps, "seed": settings.seed_or(ctx.seed) + 1}  # another data order
