@@ -13,6 +13,7 @@
     python benchmarks/run.py llm-int4     # SmolLM2-135M 4-bit g128 (RTN, GPTQ, AWQ; ONNX weight-only) on WikiText-2
     python benchmarks/run.py prune        # MiniLM-L6 structured pruning: importance vs rule vs L0, 50 % and 70 %
     python benchmarks/run.py llm-prune    # SmolLM2-135M heads + MLP channels, recovered on Tiny Shakespeare, WikiText-2
+    python benchmarks/run.py llm-prune-sample  # the same pipeline as shipped: the sample's own held-out tail
     python benchmarks/run.py all
 """
 
@@ -269,6 +270,10 @@ def main(which: str) -> None:
             [GGUF_NOTE], (f"data.eval.path={_shared('wikitext2/wiki.test.raw')}", "data.max_eval_tokens=8192"),
             fresh=False),
         "prune": lambda w: structured_pruning(),
+        "llm-prune-sample": lambda w: pipeline(
+            "pipelines/llm-prune-structured.yaml", "llm-prune-sample",
+            "Decoder structured pruning on the shipped Tiny Shakespeare sample (SmolLM2-135M, in-domain)",
+            [GGUF_NOTE]),
         "llm-prune": lambda w: pipeline(
             "pipelines/llm-prune-structured.yaml", "llm-prune",
             "Decoder structured pruning (SmolLM2-135M: query heads and MLP channels, WikiText-2 test)", [GGUF_NOTE],
