@@ -71,8 +71,10 @@ def gradient_scores(model: Any, batches: Iterable[dict[str, Any]], text_stream: 
 
 
 def activation_scores(model: Any, batches: Iterable[dict[str, Any]], text_stream: bool) -> Scores:
+    """Mean output norm per unit; needs no targets (`text_stream` only keeps the signature of gradient_scores)."""
     model.eval()
-    data = prepared(model, batches, text_stream)
+    device = next(model.parameters()).device
+    data = [as_tensors(batch, device) for batch in batches]
     totals: dict[tuple[str, int], torch.Tensor] = {}
     tokens = torch.zeros(())
     mask: list[torch.Tensor] = []
@@ -82,7 +84,7 @@ def activation_scores(model: Any, batches: Iterable[dict[str, Any]], text_stream
         totals[kind, layer] = totals.get((kind, layer), 0) + norms.sum(dim=(0, 1)).cpu()
 
     with gated(model, lambda kind, layer: None, record), torch.no_grad():
-        for batch, _ in data:
+        for batch in data:
             mask[:] = [batch["attention_mask"].float()]
             tokens += mask[0].sum().cpu()
             model(**batch)
