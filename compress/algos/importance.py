@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.algos.students import transformer_blocks
-from compress.algos.units import HEADS, NEURONS, UNIT_KINDS, gated, head_dim, submodule, units_per_layer
+from compress.algos.units import HEADS, NEURONS, UNIT_KINDS, gated, head_dim, units_per_layer
 from compress.arch import family
 
 Scores = dict[str, list[torch.Tensor]]  # unit kind -> per block, one score per unit
@@ -99,15 +99,15 @@ def magnitude_scores(model: Any) -> Scores:
     scores: Scores = {HEADS: [], NEURONS: []}
     with torch.no_grad():
         for block in transformer_blocks(model):
-            out = as_matrix(submodule(block, arch.attention_out))
+            out = as_matrix(block.get_submodule(arch.attention_out))
             heads = out.t().reshape(-1, size, out.shape[0]).pow(2).sum(dim=(1, 2))
             if arch.qkv is not None:
-                query = as_matrix(submodule(block, arch.qkv[0]))
+                query = as_matrix(block.get_submodule(arch.qkv[0]))
                 heads = heads + query.reshape(-1, size, query.shape[1]).pow(2).sum(dim=(1, 2))
             scores[HEADS].append(heads.sqrt().cpu())
-            neurons = as_matrix(submodule(block, arch.ffn_out)).pow(2).sum(dim=0)
+            neurons = as_matrix(block.get_submodule(arch.ffn_out)).pow(2).sum(dim=0)
             for path in arch.ffn_in:
-                neurons = neurons + as_matrix(submodule(block, path)).pow(2).sum(dim=1)
+                neurons = neurons + as_matrix(block.get_submodule(path)).pow(2).sum(dim=1)
             scores[NEURONS].append(neurons.sqrt().cpu())
     return scores
 

@@ -4,9 +4,8 @@ under a Lagrangian penalty that drives the expected share of open units to a tar
 The target is approached linearly over the first `warmup` share of the steps. The gates and the two
 multipliers have their own Adam optimizer: the gates descend the loss, the multipliers ascend it, so the
 penalty grows until the expected size meets the target. The gates train for part of the recovery only
-(CoFi prunes, then fine-tunes): the multipliers overshoot the target when left to run. Afterwards `final_gates` gives each unit's
-deterministic gate value in [0, 1]: exactly the target share of units, those with the lowest values, is
-removed and the others' values folded into the weights.
+(CoFi prunes, then fine-tunes). Afterwards exactly the target share of units, the least open by `log_alphas`,
+is removed, and the others' deterministic gate values in [0, 1] (`final_gates`) are folded into the weights.
 """
 
 from __future__ import annotations

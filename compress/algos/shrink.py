@@ -24,7 +24,6 @@ from compress.algos.units import (
     in_features,
     kv_groups,
     neurons_per_layer,
-    submodule,
 )
 from compress.arch import FAMILIES, Family, family
 
@@ -43,11 +42,6 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
     return prune_linear_layer(module, keep, dim=1)
 
 
-def replace(block: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(submodule(block, parent) if parent else block, name, module)
-
-
 def kept(total: int, removed: list[int]) -> torch.Tensor:
     gone = set(removed)
     return torch.tensor([i for i in range(total) if i not in gone], dtype=torch.long)
@@ -61,22 +55,22 @@ def remove_neurons(model: Any, neurons: dict[int, list[int]]) -> None:
         if not removed:
             continue
         block = blocks[layer]
-        keep_neurons(block, arch, kept(in_features(submodule(block, arch.ffn_out)), removed))
+        keep_neurons(block, arch, kept(in_features(block.get_submodule(arch.ffn_out)), removed))
     record_shapes(model)
 
 
 def keep_neurons(block: nn.Module, arch: Family, keep: torch.Tensor) -> None:
     for path in arch.ffn_in:
-        replace(block, path, keep_outputs(submodule(block, path), keep))
-    replace(block, arch.ffn_out, keep_inputs(submodule(block, arch.ffn_out), keep))
+        block.set_submodule(path, keep_outputs(block.get_submodule(path), keep))
+    block.set_submodule(arch.ffn_out, keep_inputs(block.get_submodule(arch.ffn_out), keep))
 
 
 def keep_query_heads(block: nn.Module, arch: Family, keep: torch.Tensor, per_group: int) -> None:
     """Keep query-projection rows and output-projection columns `keep`; `per_group` query heads per key-value
     head remain."""
-    replace(block, arch.qkv[0], keep_outputs(submodule(block, arch.qkv[0]), keep))
-    replace(block, arch.attention_out, keep_inputs(submodule(block, arch.attention_out), keep))
-    submodule(block, arch.attention_out.rpartition(".")[0]).num_key_value_groups = per_group
+    block.set_submodule(arch.qkv[0], keep_outputs(block.get_submodule(arch.qkv[0]), keep))
+    block.set_submodule(arch.attention_out, keep_inputs(block.get_submodule(arch.attention_out), keep))
+    block.get_submodule(arch.attention_out.rpartition(".")[0]).num_key_value_groups = per_group
 
 
 def remove_heads(model: Any, heads: dict[int, list[int]]) -> None:
@@ -153,10 +147,10 @@ def apply_layer_shapes(model: Any) -> None:
     size = head_dim(model)
     for layer, block in enumerate(blocks):
         width = shapes.get("intermediate_size", [None] * len(blocks))[layer]
-        if width is not None and in_features(submodule(block, arch.ffn_out)) != width:
+        if width is not None and in_features(block.get_submodule(arch.ffn_out)) != width:
             keep_neurons(block, arch, torch.arange(width))
         heads = shapes.get("num_attention_heads", [None] * len(blocks))[layer]
-        if heads is not None and in_features(submodule(block, arch.attention_out)) != heads * size:
+        if heads is not None and in_features(block.get_submodule(arch.attention_out)) != heads * size:
             keep_query_heads(block, arch, torch.arange(heads * size), heads // kv_groups(model, layer))
 
 
@@ -184,6 +178,6 @@ def scale_units(model: Any, kind: str, values: list[torch.Tensor]) -> None:
     path, width = (arch.attention_out, size) if kind == HEADS else (arch.ffn_out, 1)
     with torch.no_grad():
         for block, per_unit in zip(transformer_blocks(model), values):
-            module = submodule(block, path)
+            module = block.get_submodule(path)
             scale = per_unit.repeat_interleave(width).to(module.weight)
             module.weight.mul_(scale if isinstance(module, nn.Linear) else scale.unsqueeze(1))

@@ -8,7 +8,6 @@ hook serves gradient importance (gates at 1 that collect gradients), activation 
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,10 +20,6 @@ from compress.arch import Family, family
 
 HEADS, NEURONS = "heads", "neurons"
 UNIT_KINDS = (HEADS, NEURONS)
-
-
-def submodule(block: nn.Module, path: str) -> nn.Module:
-    return operator.attrgetter(path)(block)
 
 
 def head_dim(model: Any) -> int:
@@ -41,12 +36,12 @@ def in_features(module: nn.Module) -> int:
 def heads_per_layer(model: Any) -> list[int]:
     """Attention heads each block has now (pruning leaves blocks with different counts)."""
     arch, size = family(model.config.model_type), head_dim(model)
-    return [in_features(submodule(block, arch.attention_out)) // size for block in transformer_blocks(model)]
+    return [in_features(block.get_submodule(arch.attention_out)) // size for block in transformer_blocks(model)]
 
 
 def neurons_per_layer(model: Any) -> list[int]:
     arch = family(model.config.model_type)
-    return [in_features(submodule(block, arch.ffn_out)) for block in transformer_blocks(model)]
+    return [in_features(block.get_submodule(arch.ffn_out)) for block in transformer_blocks(model)]
 
 
 def units_per_layer(model: Any, unit: str) -> list[int]:
@@ -58,7 +53,7 @@ def kv_groups(model: Any, layer: int) -> int:
     arch = family(model.config.model_type)
     if arch.head_pruning != "grouped-query":
         return 1
-    attention_out = submodule(transformer_blocks(model)[layer], arch.attention_out)
+    attention_out = transformer_blocks(model)[layer].get_submodule(arch.attention_out)
     return getattr(model.config, "num_key_value_heads", None) or in_features(attention_out) // head_dim(model)
 
 
@@ -90,7 +85,7 @@ def gated(model: Any, gate: GateFn, record: Callable[[str, int, torch.Tensor], N
     try:
         for layer, block in enumerate(transformer_blocks(model)):
             for kind, path, width in ((HEADS, arch.attention_out, size), (NEURONS, arch.ffn_out, 1)):
-                handles.append(submodule(block, path).register_forward_pre_hook(hook(kind, layer, width)))
+                handles.append(block.get_submodule(path).register_forward_pre_hook(hook(kind, layer, width)))
         yield
     finally:
         for handle in handles:
