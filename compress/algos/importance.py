@@ -40,16 +40,10 @@ def loss_on(model: Any, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
     return model(**batch, labels=targets).loss
 
 
-def prepared(model: Any, batches: Iterable[dict[str, Any]], text_stream: bool) -> list[tuple[Batch, torch.Tensor]]:
-    device = next(model.parameters()).device
-    tensors = [as_tensors(batch, device) for batch in batches]
-    return [(batch, self_targets(model, batch, text_stream)) for batch in tensors]
-
-
 def gradient_scores(model: Any, batches: Iterable[dict[str, Any]], text_stream: bool) -> Scores:
     model.eval()
-    data = prepared(model, batches, text_stream)
     device = next(model.parameters()).device
+    data = [(batch, self_targets(model, batch, text_stream)) for batch in (as_tensors(b, device) for b in batches)]
     gates = {kind: [torch.ones(n, device=device, requires_grad=True) for n in units_per_layer(model, kind)]
              for kind in UNIT_KINDS}
     scores = {kind: [torch.zeros(len(g), device=device) for g in gates[kind]] for kind in UNIT_KINDS}
