@@ -26,6 +26,7 @@ from compress.settings import (
     MODEL_REF,
     BenchConfig,
     FloatTolerance,
+    GradualSchedule,
     KDLoss,
     ModelRef,
     QuantTolerance,
@@ -385,23 +386,36 @@ Ratio = Annotated[float, Field(ge=0, lt=1)]
 # heads / ffn: a ratio removed (allocation global, uniform), counts kept per block (per_layer) or one count kept
 # in every block (top_k).
 UnitAmount = float | PositiveInt | list[NonNegativeInt]
+UNSTRUCTURED = {"sparsity", "modules", "recover"}
 # The settings each prune `method` reads; another method's field is a recipe error naming it.
 PRUNE_FIELDS = {
     "structured": {"importance", "allocation", "heads", "ffn", "layers", "allow_layer_drop", "calibration", "l0",
                    "recover"},
+    "magnitude": UNSTRUCTURED | {"ranking", "schedule", "gradual", "nm"},
+    "movement": UNSTRUCTURED | {"variant", "gradual", "scores_lr", "lambda_"},
+    "l1": UNSTRUCTURED | {"ranking", "lambda_"},
+    "wanda": UNSTRUCTURED | {"nm", "calibration"},
+    "sparsegpt": UNSTRUCTURED | {"nm", "calibration", "block_size", "damp"},
 }
 PRUNE_COMMON = {"kind", "from_", "name", "method"}
+TRAINS_TO_CHOOSE = {"movement": "learns its scores", "l1": "applies its penalty"}  # ...while the model trains
 ALLOCATION_AMOUNT = {"global": "a ratio in [0, 1) removed", "uniform": "a ratio in [0, 1) removed",
                      "per_layer": "a list of counts kept, one per block", "top_k": "a count kept in every block"}
 
 
 class PruneStep(Step):
-    """Remove parts of the model. structured: attention heads, FFN neurons and whole blocks leave the weight
-    matrices, chosen by importance (gradient, activation, magnitude, or L0 gates trained toward the target) and
-    an allocation rule; `recover` then trains the smaller model, distilled from the unpruned one by default."""
+    """Remove parts of the model.
+
+    structured: attention heads, FFN neurons and whole blocks leave the weight matrices, chosen by importance
+    (gradient, activation, magnitude, or L0 gates trained toward the target) and an allocation rule.
+    Unstructured (zeros inside the matrices, `sparsity` of the selected weights, or an `nm` pattern):
+    magnitude (one-shot or gradual during recovery), movement (scores learned during recovery), l1 (a
+    penalty during recovery, then a threshold), wanda and sparsegpt (one-shot from calibration rows, block by
+    block). `recover` trains the result, distilled from the unpruned model by default, with the zeros held.
+    """
 
     kind: Literal["prune"] = "prune"
-    method: Literal["structured"] = "structured"
+    method: Literal["structured", "magnitude", "movement", "l1", "wanda", "sparsegpt"] = "structured"
     importance: Literal["gradient", "activation", "magnitude", "l0"] = "gradient"
     allocation: Literal["global", "uniform", "per_layer", "top_k"] = "global"
     heads: UnitAmount | None = None
@@ -412,13 +426,34 @@ class PruneStep(Step):
     allow_layer_drop: bool = False
     calibration: Calibration = Calibration(samples=256)  # rows the importance scores are measured on
     l0: L0Settings = L0Settings()
-    recover: RecoverSettings | None = None  # training after pruning (needed by importance l0)
+    # Unstructured: the share of the selected weights zeroed, and which weights (globs on module names; default
+    # every Linear inside the transformer blocks, not the embeddings nor the task head).
+    sparsity: Ratio | None = None
+    modules: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    ranking: Literal["global", "per_layer"] = "global"  # magnitude, l1: one threshold, or one per layer
+    schedule: Literal["oneshot", "gradual"] = "oneshot"  # magnitude: all at once, or rising during `recover`
+    gradual: GradualSchedule = GradualSchedule()
+    nm: tuple[PositiveInt, PositiveInt] | None = None  # [N, M]: N of every M consecutive inputs stay (2:4)
+    variant: Literal["hard", "soft"] = "hard"  # movement: top scores per layer, or one threshold + penalty
+    scores_lr: float = Field(1e-2, gt=0, lt=1)  # movement: the scores' own Adam learning rate
+    lambda_: float = Field(0.0, ge=0, alias="lambda")  # l1: penalty on mean |w|; movement soft: on sigmoid(S)
+    block_size: PositiveInt = 128  # sparsegpt: columns pruned together
+    damp: float = Field(0.01, gt=0, lt=1)  # sparsegpt: share of the mean Hessian diagonal added to it
+    recover: RecoverSettings | None = None  # training after pruning (needed by l0, gradual, movement, l1)
 
     @model_validator(mode="after")
     def _coherent(self) -> PruneStep:
         stray = sorted(self.model_fields_set - PRUNE_FIELDS[self.method] - PRUNE_COMMON)
         if stray:
-            raise ValueError(f"{', '.join(stray)}: not a setting of prune method {self.method!r}")
+            names = ", ".join(type(self).model_fields[name].alias or name for name in stray)
+            raise ValueError(f"{names}: not a setting of prune method {self.method!r}")
+        if self.method == "structured":
+            self._coherent_structure()
+        else:
+            self._coherent_sparsity()
+        return self
+
+    def _coherent_structure(self) -> None:
         if self.heads is None and self.ffn is None and self.layers is None:
             raise ValueError("give what to remove: heads, ffn, layers, or several")
         for name in ("heads", "ffn"):
@@ -436,11 +471,38 @@ class PruneStep(Step):
         if self.recover is not None and self.recover.attention_weight and self.heads is not None:
             raise ValueError("recover.attention_weight: attention maps need the teacher's head counts, which "
                              "head pruning changes; distil logits, hidden states or relations")
-        return self
+
+    def _coherent_sparsity(self) -> None:
+        if self.nm is not None:
+            n, m = self.nm
+            if n >= m:
+                raise ValueError(f"nm: N:M keeps N of every M weights, so N must be below M (got {n}:{m})")
+            if self.sparsity is not None and abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(f"sparsity: {self.sparsity} contradicts nm {n}:{m} (which is {1 - n / m:g}); "
+                                 "give one of them")
+            if self.schedule == "gradual":
+                raise ValueError("nm: an N:M pattern is set one-shot; leave schedule at oneshot")
+        elif self.sparsity is None:
+            raise ValueError(f"sparsity: method {self.method} needs the share of weights to zero (or nm: [2, 4])")
+        if self.recover is None:
+            if self.method in TRAINS_TO_CHOOSE:
+                raise ValueError(f"method {self.method} {TRAINS_TO_CHOOSE[self.method]} while the model trains; "
+                                 "add a 'recover' block")
+            if self.schedule == "gradual":
+                raise ValueError("schedule gradual: sparsity rises during training; add a 'recover' block")
+        if self.method == "l1" and self.lambda_ == 0:
+            raise ValueError("lambda: method l1 needs a penalty above 0 (e.g. 1e-4)")
+
+    @property
+    def target_sparsity(self) -> float:
+        return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
 
     @property
     def needs_data(self) -> tuple[str, ...]:
-        scores_on_rows = self.importance in ("gradient", "activation") or isinstance(self.layers, float)
+        if self.method == "structured":
+            scores_on_rows = self.importance in ("gradient", "activation") or isinstance(self.layers, float)
+        else:
+            scores_on_rows = self.method in ("wanda", "sparsegpt")
         return (("calib",) if scores_on_rows else ()) + (("train",) if self.recover else ())
 
     @property
@@ -451,6 +513,8 @@ class PruneStep(Step):
         _torch_float("prune", given)
         if given.sparsity == "masks":
             raise StepRejects("its masks are still live; make the sparsity permanent first")
+        if self.method != "structured":
+            return given.evolve(sparsity="zeros")
         return given.evolve(per_layer_shapes=given.per_layer_shapes or self.heads is not None
                             or self.ffn is not None)
 

@@ -51,6 +51,22 @@ class TrainSettings(Strict):
         return {"precision_decided_by": machine_info()["isa"]} if self.precision == "auto" else {}
 
 
+class GradualSchedule(Strict):
+    """When sparsity rises during training (gradual magnitude, movement): along the cubic curve of Zhu & Gupta
+    (2017), from 0 at `start` to the target at `end` (fractions of the training steps), masks renewed every
+    `every` steps; after `end` the masks stay and the model trains on at the target sparsity."""
+
+    start: float = Field(0.0, ge=0, lt=1)
+    end: float = Field(0.7, gt=0, le=1)
+    every: PositiveInt = 10  # optimizer steps between mask updates (gradual magnitude)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GradualSchedule:
+        if self.end <= self.start:
+            raise ValueError(f"gradual.end ({self.end}) must come after gradual.start ({self.start})")
+        return self
+
+
 class FloatTolerance(Strict):
     """An fp32 graph must match torch elementwise: |onnx - torch| <= atol + rtol * |torch|."""
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress.algos.kd import DistillLoss, capture_qkv, check_layer_map, make_projections, uniform_layer_map
+from compress.algos.masking import held_zeros
 from compress.algos.students import (
     default_layers,
     same_vocabulary,
@@ -44,6 +45,8 @@ def run(artifact: Artifact, step: DistillStep, ctx: Context) -> Artifact:
         student.gradient_checkpointing_enable()
     validation = ctx.validation_set(artifact.tokenizer)
     cache = TeacherLogits(ctx.checkpoint_dir) if step.cache_teacher else None
+    # A student taken from a sparse teacher's blocks keeps their zeros.
+    held = [held_zeros(student)] if teacher_artifact.kind.sparsity or artifact.kind.sparsity else []
     with trainability_kept(student):
         frozen = freeze_embeddings(student) if step.freeze_embeddings else 0
         # The projections that map the student's hidden states onto the teacher's train with the student, as
@@ -51,7 +54,7 @@ def run(artifact: Artifact, step: DistillStep, ctx: Context) -> Artifact:
         student.add_module("distill_loss", loss)
         loader = ctx.train_loader(artifact.tokenizer, step.batch_size, row_ids=cache is not None)
         summary = train(student, loader, step, seed=step.seed_or(ctx.seed), loss_fn=objective(loss, teacher, cache),
-                        callbacks=[cache] if cache else [], desc="distill", quiet=ctx.quiet,
+                        callbacks=[*held, cache] if cache else held, desc="distill", quiet=ctx.quiet,
                         evaluate=scores_on(validation, progress=not ctx.quiet) if _scored(validation) else None,
                         checkpoint_dir=ctx.checkpoint_dir)
         del student.distill_loss

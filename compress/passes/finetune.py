@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compress.algos.masking import held_zeros
 from compress.arch import TASKS
 from compress.artifact import Artifact, step_record
 from compress.context import Context
@@ -23,6 +24,7 @@ def run(artifact: Artifact, step: FinetuneStep, ctx: Context) -> Artifact:
             desc="finetune",
             quiet=ctx.quiet,
             checkpoint_dir=ctx.checkpoint_dir,
+            callbacks=[held_zeros(model)] if artifact.kind.sparsity else [],  # a sparse model stays sparse
         )
     metric = TASKS[artifact.task].metric
     effect = {"frozen_parameters": frozen, "metric": metric, "evals_on": "validation", **summary}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from compress.algos.masking import held_zeros
 from compress.algos.students import same_vocabulary
 from compress.arch import TASKS
 from compress.artifact import Artifact
@@ -21,6 +22,8 @@ def recover(model: Any, artifact: Artifact, settings: RecoverSettings, ctx: Cont
     """Train `model` in place; `artifact` is the step's input; `field` names the settings in errors
     ('qat', 'prune.recover'); a step that trains more than once names each `phase` (its checkpoints' own
     directory). Returns what the training did, for the step's record."""
+    if artifact.kind.sparsity:  # the zeros a sparse input came with stay zeros
+        callbacks = [held_zeros(model), *callbacks]
     loss_fn = default_loss
     if settings.distill_from != "none":
         teacher = teacher_model(artifact, settings.distill_from, ctx, field)

@@ -1,4 +1,4 @@
-"""The prune pass (method structured) on the tiny models: importance and rule allocations, L0 gates, recovery,
+"""The prune pass, method structured, on the tiny models: importance and rule allocations, L0 gates, recovery,
 reload, the recipe contract, and bad input refused before anything is written."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from compress.context import Context
 from compress.data import build_eval_set, load_task_data
 from compress.errors import ModelLoadError, RecipeError
 from compress.kinds import Kind
-from compress.passes import prune
+from compress.passes import prune, prune_structured
 from compress.pipeline import run_pipeline
 from compress.recipe import DataConfig, PruneStep
 from compress.recipe_loader import load_recipe
@@ -104,7 +104,7 @@ def test_a_pruned_artifact_reloads_with_plain_from_pretrained(classifier, contex
     ({"layers": [0, 1, 2, 3]}, "layers: removing 4 of 4 blocks leaves none"),
 ])
 def test_impossible_targets_are_refused_before_any_work(classifier, context, settings, message, monkeypatch):
-    monkeypatch.setattr(prune, "unit_scores", lambda *args: pytest.fail("importance measured before the check"))
+    monkeypatch.setattr(prune_structured, "unit_scores", lambda *args: pytest.fail("importance measured before the check"))
     step = PruneStep(calibration=CALIB, **settings)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         prune.run(classifier, step, context())
