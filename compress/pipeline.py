@@ -328,8 +328,31 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
                      f"stride {evals.meta['stride']}; latency is one forward pass of {recipe.bench.seq_len} tokens.")
     if "eval_split" in data.notes:
         notes.append(f"Eval rows carved from train: {data.notes['eval_split']}.")
+    sparse = [stage.name for stage in stages if stage.kind.sparsity]
+    if sparse:
+        notes.append(sparse_speed_note(sparse))
+        results["sparsity"] = {stage.name: record for stage in stages
+                               if (record := _sparsity_record(stage.directory)) is not None}
     write_results(results, out, notes=notes, command=command)
     return results
+
+
+def sparse_speed_note(names: list[str]) -> str:
+    """Unstructured zeros: say where they pay and where they do not, beside the latency that shows it."""
+    return (f"{', '.join(names)}: zeros inside dense matrices (unstructured sparsity). PyTorch and ONNX Runtime's "
+            "CPU provider multiply them like any other weight, so these rows gain no speed from sparsity, and "
+            "none should be read into their latency; what the zeros buy here is the zipped size. 2:4 patterns "
+            "run faster only on runtimes with sparse kernels (NVIDIA sparse tensor cores: see "
+            "benchmarks/RESULTS.md).")
+
+
+def _sparsity_record(directory: Path) -> dict[str, Any] | None:
+    """The stage's own pruning record: achieved sparsity and each layer's, for the report."""
+    effect = read_manifest(directory)["history"][-1].get("effect", {})
+    if "achieved_sparsity" not in effect:
+        return None
+    return {"achieved": effect["achieved_sparsity"], "target": effect["target_sparsity"],
+            "layers": {name: layer["sparsity"] for name, layer in effect["layers"].items()}}
 
 
 def half_precision_note(names: list[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,10 +29,35 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
     generation = any("ttft_ms" in row for row in results["rows"])  # a causal LM's bench
     lines += ["## Results", "", _method(results["bench"], results["baseline"], generation), ""]
     lines += _table(results["rows"], results["baseline"], generation)
+    for stage, record in results.get("sparsity", {}).items():
+        lines += ["", *_sparsity_section(stage, record)]
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     lines += ["", "## Library versions", "", *(f"- {name} {v}" for name, v in results["versions"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _sparsity_section(stage: str, record: dict) -> list[str]:
+    """Per block, each pruned layer's share of zeros (blocks as rows, the layers inside a block as columns);
+    layers outside the blocks (embeddings, the task head) follow on their own."""
+    blocks: dict[str, dict[str, float]] = {}
+    others = {}
+    for name, sparsity in record["layers"].items():
+        found = re.search(r"\.(\d+)\.", name)
+        if found is None:
+            others[name] = sparsity
+        else:
+            blocks.setdefault(found.group(1), {})[name[found.end():]] = sparsity
+    lines = [f"## Sparsity of {stage}", "",
+             f"{record['achieved']:.2%} of the pruned weights are zero (target {record['target']:.2%})."]
+    columns = list(dict.fromkeys(column for layers in blocks.values() for column in layers))
+    if blocks:
+        lines += ["", "| Block | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        lines += [f"| {block} | " + " | ".join(f"{layers[c]:.1%}" if c in layers else "-" for c in columns) + " |"
+                  for block, layers in blocks.items()]
+    if others:
+        lines += ["", *(f"- {name}: {sparsity:.1%}" for name, sparsity in others.items())]
+    return lines
 
 
 def _machine_section(machine: dict, threads: int) -> list[str]:

@@ -103,3 +103,16 @@ def test_rewrite_replaces_files_and_leaves_no_temporaries(tmp_path):
     assert "- second" in (tmp_path / "report.md").read_text()
     assert "- first" not in (tmp_path / "report.md").read_text()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["report.md", "results.json"]
+
+
+def test_sparsity_shows_each_block_by_layer_and_the_layers_outside_blocks(tmp_path):
+    results = perplexity_results()
+    results["sparsity"] = {"00-prune": {"achieved": 0.5, "target": 0.5, "layers": {
+        "model.layers.0.self_attn.q_proj": 0.5, "model.layers.0.mlp.down_proj": 0.25,
+        "model.layers.1.self_attn.q_proj": 0.75, "model.embed_tokens": 0.5}}}
+    write_results(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Sparsity of 00-prune\n\n50.00% of the pruned weights are zero (target 50.00%)." in report
+    assert "| Block | self_attn.q_proj | mlp.down_proj |\n|---|---:|---:|\n| 0 | 50.0% | 25.0% |\n| 1 | 75.0% | - |" \
+        in report
+    assert "- model.embed_tokens: 50.0%" in report

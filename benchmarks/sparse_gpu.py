@@ -1,0 +1,88 @@
+"""2:4 sparsity where a runtime exploits it: NVIDIA sparse tensor cores through torch's semi-structured sparse
+tensors (cuSPARSELt, or CUTLASS), against the same dense fp16 matrices, side by side in one run.
+
+The layers have SmolLM2-135M's Linear shapes (and, for scale, Llama-2-7B's MLP); their weights are random
+with `compress`'s own 2:4 mask applied (speed does not depend on the values; the sparse product is checked
+against the dense product of the masked weights). Run on a machine with an NVIDIA GPU (Ampere or later):
+
+    python benchmarks/sparse_gpu.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from compress.algos.sparsity import nm_mask
+
+SHAPES = {  # (out_features, in_features) per Linear of one block
+    "smollm2-135m": {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+                     "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)},
+    "llama-2-7b mlp": {"gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)},
+}
+BLOCKS = {"smollm2-135m": 30, "llama-2-7b mlp": 32}
+TOKENS = (1, 16, 128, 2048, 8192)  # rows of the activation: decode (1 token) up to a long prefill
+
+
+def median_ms(fn, runs: int = 50, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    rows = []
+    for model, layers in SHAPES.items():
+        for tokens in TOKENS:
+            dense_total = sparse_total = 0.0
+            for name, (out_features, in_features) in layers.items():
+                weight = torch.randn(out_features, in_features, device=device, dtype=torch.float16)
+                weight = weight * nm_mask(weight.abs().float(), 2, 4).to(weight.dtype)
+                sparse = to_sparse_semi_structured(weight)
+                x = torch.randn(tokens, in_features, device=device, dtype=torch.float16)
+                dense_out, sparse_out = torch.nn.functional.linear(x, weight), torch.nn.functional.linear(x, sparse)
+                error = float((dense_out - sparse_out).abs().max())
+                dense_ms = median_ms(lambda x=x, w=weight: torch.nn.functional.linear(x, w))
+                sparse_ms = median_ms(lambda x=x, w=sparse: torch.nn.functional.linear(x, w))
+                dense_total += dense_ms
+                sparse_total += sparse_ms
+                rows.append({"model": model, "layer": name, "shape": [out_features, in_features], "tokens": tokens,
+                             "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
+                             "max_abs_diff": error})
+            rows.append({"model": model, "layer": f"one block's Linears (x{BLOCKS[model]} blocks)",
+                         "tokens": tokens, "dense_ms": dense_total, "sparse_ms": sparse_total,
+                         "speedup": dense_total / sparse_total})
+    backend = "CUTLASS" if SparseSemiStructuredTensor._FORCE_CUTLASS else "cuSPARSELt"
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "backend": backend, "dtype": "float16", "rows": rows}
+    print(f"{result['gpu']}, torch {result['torch']}, CUDA {result['cuda']}, {backend}, fp16; median of 50 runs")
+    print(f"{'model':16} {'layer':38} {'tokens':>6} {'dense ms':>9} {'2:4 ms':>9} {'x':>6}")
+    for row in rows:
+        print(f"{row['model']:16} {row['layer']:38} {row['tokens']:>6} {row['dense_ms']:>9.4f} "
+              f"{row['sparse_ms']:>9.4f} {row['speedup']:>6.2f}")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
