@@ -14,6 +14,9 @@
     python benchmarks/run.py prune        # MiniLM-L6 structured pruning: importance vs rule vs L0, 50 % and 70 %
     python benchmarks/run.py llm-prune    # SmolLM2-135M heads + MLP channels, recovered on Tiny Shakespeare, WikiText-2
     python benchmarks/run.py llm-prune-sample  # the same pipeline as shipped: the sample's own held-out tail
+    python benchmarks/run.py prune-unstructured  # MiniLM-L6 50/70/90 % gradual magnitude, movement; + int8; sizes
+    python benchmarks/run.py llm-sparsity # SmolLM2-135M 50 %: magnitude vs Wanda vs SparseGPT, and 2:4 (WikiText-2)
+    python benchmarks/run.py sparse-gpu   # 2:4 vs dense matrix products on an NVIDIA GPU (or the stored H200 run)
     python benchmarks/run.py all
 """
 
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from prune import prune_summary  # benchmarks/prune.py, beside this script
 from quant import encoder_quant  # benchmarks/quant.py, beside this script
+from sparsity import decoder_summary, encoder_summary, gpu_section  # benchmarks/sparsity.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -110,6 +114,42 @@ def structured_pruning() -> str:
     text = pipeline("benchmarks/recipes/prune-compare.yaml", "prune",
                     "Structured pruning: MiniLM-L6 (SST-2), importance vs rule vs L0 at equal size", [], fresh=False)
     return with_notes(text, prune_summary(ROOT / "runs" / "bench-prune"))
+
+
+def unstructured_pruning() -> str:
+    text = pipeline("benchmarks/recipes/prune-unstructured-compare.yaml", "prune-unstructured",
+                    "Unstructured pruning: MiniLM-L6 (SST-2), 50/70/90 % magnitude, movement, sparse + int8 sizes",
+                    [], fresh=False)
+    return with_notes(text, encoder_summary(ROOT / "runs" / "bench-prune-unstructured"))
+
+
+def llm_sparsity() -> str:
+    from compress.pipeline import GGUF_NOTE
+
+    for data in ("wikitext2/wiki.test.raw", "tinyshakespeare/input.txt"):
+        _shared(data)  # the recipe reads both from ../shared/data
+    text = pipeline("benchmarks/recipes/llm-sparsity.yaml", "llm-sparsity",
+                    "Decoder unstructured pruning (SmolLM2-135M, 50 %): magnitude vs Wanda vs SparseGPT, and 2:4",
+                    [GGUF_NOTE], fresh=False)
+    return with_notes(text, decoder_summary(ROOT / "runs" / "bench-llm-sparsity"))
+
+
+def sparse_gpu(workdir: Path) -> str:
+    """Measured here when this machine has an NVIDIA GPU; otherwise the run stored from the lent H200."""
+    import torch
+
+    stored = ROOT / "benchmarks" / "gpu" / "sparse_2of4_h200.json"
+    command = "python benchmarks/sparse_gpu.py --out benchmarks/gpu/sparse_2of4_h200.json"
+    if torch.cuda.is_available():
+        subprocess.run([sys.executable, "benchmarks/sparse_gpu.py", "--out", str(workdir / "gpu.json")], check=True,
+                       cwd=ROOT)
+        result, where = json.loads((workdir / "gpu.json").read_text()), "Measured on this machine"
+    else:  # the date is the stored file's
+        result, where = json.loads(stored.read_text()), f"Read from {stored.relative_to(ROOT)}, measured on a lent GPU"
+    return "\n".join([
+        "## 2:4 sparsity on a GPU: NVIDIA sparse tensor cores through torch's semi-structured tensors", "",
+        f"{where} with `{command}`.", "",
+        *gpu_section(result), ""])
 
 
 def distill_headline() -> str:
@@ -270,6 +310,9 @@ def main(which: str) -> None:
             [GGUF_NOTE], (f"data.eval.path={_shared('wikitext2/wiki.test.raw')}", "data.max_eval_tokens=8192"),
             fresh=False),
         "prune": lambda w: structured_pruning(),
+        "prune-unstructured": lambda w: unstructured_pruning(),
+        "llm-sparsity": lambda w: llm_sparsity(),
+        "sparse-gpu": lambda w: sparse_gpu(w),
         "llm-prune-sample": lambda w: pipeline(
             "pipelines/llm-prune-structured.yaml", "llm-prune-sample",
             "Decoder structured pruning on the shipped Tiny Shakespeare sample (SmolLM2-135M, in-domain)",
