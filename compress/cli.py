@@ -272,7 +272,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _brief(value: Any) -> str:
     """Scalars as they are (floats to 4 significant digits), lists of numbers (per-block sizes) whole, a list of
-    evaluations as its last one."""
+    evaluations as its last one, per-layer sparsity records as their range."""
+    if isinstance(value, dict) and value and all(isinstance(v, dict) and "sparsity" in v for v in value.values()):
+        shares = [layer["sparsity"] for layer in value.values()]
+        return f"{len(shares)} layers, sparsity {min(shares):.1%} to {max(shares):.1%}"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list) and value and all(isinstance(item, int | float) for item in value):

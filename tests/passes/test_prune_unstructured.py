@@ -130,7 +130,7 @@ def test_sparsity_survives_save_and_reload_and_the_kind_says_so(classifier, tmp_
         assert torch.equal(zeros(plain, [name])[name], mask), name
 
 
-def test_a_later_training_step_holds_the_zeros(tmp_path, tiny_classifier, sentiment_files):
+def test_a_later_training_step_holds_the_zeros(tmp_path, tiny_classifier, sentiment_files, capsys):
     model, tokenizer = tiny_classifier
     recipe = {"model": "tiny", "task": "sequence-classification",
               "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
@@ -151,6 +151,9 @@ def test_a_later_training_step_holds_the_zeros(tmp_path, tiny_classifier, sentim
         for name, mask in zeros(stages[0].model, names).items():
             assert torch.equal(zeros(stage.model, [name])[name] | ~mask, torch.ones_like(mask)), (stage, name)
     assert json.loads((tmp_path / "run" / "03-export" / "compress.json").read_text())["kind"]["sparsity"] == "zeros"
+    assert main(["inspect", str(tmp_path / "run" / "00-prune")]) == 0
+    shown = capsys.readouterr().out
+    assert "torch fp32 sparse (zeros)" in shown and "layers=12 layers, sparsity 50.0% to 50.0%" in shown
 
 
 def test_l1_records_l0_and_l1_before_training_and_after_the_threshold(classifier, tmp_path, sentiment_files):
