@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from compress.artifact import Artifact
 from compress.context import Context
 from compress.data import build_eval_set, load_task_data
 from compress.errors import RecipeError
+from compress.kinds import Kind
 from compress.passes import distill
 from compress.pipeline import run_pipeline
 from compress.recipe import DataConfig, DistillStep
@@ -200,3 +202,22 @@ def test_the_recover_block_shares_the_loss_and_names_its_teacher():
     assert _model_refs(RecoverSettings(distill_from="none")) == {}
     with pytest.raises(ValueError, match="temperature"):
         RecoverSettings(temperature=0)
+
+
+def test_a_student_taken_from_a_sparse_teacher_keeps_its_zeros(tmp_path, tiny_classifier, sentiment_files):
+    model, tokenizer = tiny_classifier
+    sparse = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in sparse.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight[:, ::2] = 0  # every other input column
+    teacher = Artifact("sequence-classification", sparse.config, tokenizer, sparse, kind=Kind(sparsity="zeros"))
+    data, evals = _classification_context(tmp_path, sentiment_files)
+    ctx = Context(stage_dir=tmp_path, task="sequence-classification", max_length=32, data=data, quiet=True,
+                  make_eval_set=evals, resolve_model={"@input": teacher}.__getitem__)
+    step = DistillStep(student={"layers": [1]}, max_steps=4, batch_size=16, lr=5e-2)
+    student = distill.run(teacher, step, ctx)
+    assert student.kind.sparsity == "zeros"
+    blocks = [m for name, m in student.model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in name]
+    assert blocks and all((module.weight[:, ::2] == 0).all() and (module.weight[:, 1::2] != 0).all()
+                          for module in blocks)
