@@ -150,11 +150,11 @@ def sparse_gpu(workdir: Path) -> str:
         "## 2:4 sparsity on a GPU: NVIDIA sparse tensor cores through torch's semi-structured tensors", "",
         f"{where} with `{command}`.", "",
         *gpu_section(result), "",
-        ("Where the fixed cost sits (`python benchmarks/gpu/probe_overhead.py`, same H200, 2026-11-30, 2,048 tokens "
-        "through a 1536x576 layer): dense F.linear 0.024 ms; 2:4 through F.linear 0.94 ms, through the raw "
-        "`torch._cslt_sparse_mm` call 0.74 ms, under torch.compile 0.59 ms. The cost is in the cuSPARSELt call "
-        "itself on this stack (torch 2.11, CUDA 13.0), not in PyTorch's dispatch; at 11008x4096 and 8,192 tokens "
-        "2:4 took 0.80 to 0.87 ms against 1.15 dense."), ""])
+        ("Where the fixed cost sits (`python benchmarks/sparse_gpu.py --probe`, same H200, 2026-11-30, two runs; "
+         "2,048 tokens through a 1536x576 layer): dense F.linear 0.023 to 0.024 ms; 2:4 through F.linear 0.94 to "
+         "0.98 ms, through the raw `torch._cslt_sparse_mm` call 0.74 to 0.79 ms, under torch.compile 0.59 to 1.04 "
+         "ms. The cost is in the cuSPARSELt call itself on this stack (torch 2.11, CUDA 13.0), not in PyTorch's "
+         "dispatch; at 11008x4096 and 8,192 tokens 2:4 took 0.80 to 1.30 ms against 1.14 dense."), ""])
 
 
 def distill_headline() -> str:

@@ -6,6 +6,7 @@ with `compress`'s own 2:4 mask applied (speed does not depend on the values; the
 against the dense product of the masked weights). Run on a machine with an NVIDIA GPU (Ampere or later):
 
     python benchmarks/sparse_gpu.py [--out results.json]
+    python benchmarks/sparse_gpu.py --probe   # where a 2:4 product's fixed cost goes
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ def median_ms(fn, runs: int = 30, calls: int = 20, warmup: int = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
+    parser.add_argument("--probe", action="store_true", help="where a 2:4 product's fixed cost goes, and stop")
     args = parser.parse_args()
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    if args.probe:
+        for shape in ((1536, 576, 2048), (11008, 4096, 2048), (11008, 4096, 8192)):
+            probe(*shape, to_sparse_semi_structured)
+        return
 
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -71,6 +78,24 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)
+
+
+def probe(out_features: int, in_features: int, tokens: int, to_sparse) -> None:
+    """Eager F.linear vs the raw cuSPARSELt call vs torch.compile, for one layer."""
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16)
+    weight = weight * nm_mask(weight.abs().float(), 2, 4).to(weight.dtype)
+    sparse = to_sparse(weight)
+    x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
+    xt = x.t().contiguous()
+    compiled = torch.compile(lambda a, w: torch.nn.functional.linear(a, w))
+    rows = {
+        "dense F.linear": median_ms(lambda: torch.nn.functional.linear(x, weight)),
+        "2:4 F.linear (eager)": median_ms(lambda: torch.nn.functional.linear(x, sparse)),
+        "2:4 raw _cslt_sparse_mm(W, x^T)": median_ms(lambda: torch._cslt_sparse_mm(sparse.packed, xt)),
+        "2:4 F.linear (torch.compile)": median_ms(lambda: compiled(x, sparse)),
+    }
+    print(f"W {out_features}x{in_features}, {tokens} tokens: "
+          + ", ".join(f"{name} {ms:.4f} ms" for name, ms in rows.items()))
 
 
 def measure(backend: str, device: torch.device, to_sparse) -> list[dict]:
