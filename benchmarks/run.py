@@ -15,6 +15,7 @@
     python benchmarks/run.py llm-prune    # SmolLM2-135M heads + MLP channels, recovered on Tiny Shakespeare, WikiText-2
     python benchmarks/run.py llm-prune-sample  # the same pipeline as shipped: the sample's own held-out tail
     python benchmarks/run.py prune-unstructured  # MiniLM-L6 50/70/90 % gradual magnitude, movement; + int8; sizes
+    python benchmarks/run.py prune-movement  # pipelines/prune-movement.yaml: movement 50 % + recovery + int8
     python benchmarks/run.py llm-sparsity # SmolLM2-135M 50 %: magnitude vs Wanda vs SparseGPT, and 2:4 (WikiText-2)
     python benchmarks/run.py sparse-gpu   # 2:4 vs dense matrix products on an NVIDIA GPU (or the stored H200 run)
     python benchmarks/run.py all
@@ -316,6 +317,8 @@ def main(which: str) -> None:
             fresh=False),
         "prune": lambda w: structured_pruning(),
         "prune-unstructured": lambda w: unstructured_pruning(),
+        "prune-movement": lambda w: pipeline("pipelines/prune-movement.yaml", "prune-movement",
+                                             "Movement pruning: MiniLM-L6 (SST-2), 50 % + recovery + int8", []),
         "llm-sparsity": lambda w: llm_sparsity(),
         "sparse-gpu": lambda w: sparse_gpu(w),
         "llm-prune-sample": lambda w: pipeline(

@@ -435,7 +435,7 @@ class PruneStep(Step):
     gradual: GradualSchedule = GradualSchedule()
     nm: tuple[PositiveInt, PositiveInt] | None = None  # [N, M]: N of every M consecutive inputs stay (2:4)
     variant: Literal["hard", "soft"] = "hard"  # movement: top scores per layer, or one threshold + penalty
-    scores_lr: float = Field(1e-2, gt=0, lt=1)  # movement: the scores' own Adam learning rate
+    scores_lr: float = Field(1e-2, gt=0, lt=1)  # movement: the scores' own gradient-descent step size
     lambda_: float = Field(0.0, ge=0, alias="lambda")  # l1: penalty on mean |w|; movement soft: on sigmoid(S)
     block_size: PositiveInt = 128  # sparsegpt: columns pruned together
     damp: float = Field(0.01, gt=0, lt=1)  # sparsegpt: share of the mean Hessian diagonal added to it

@@ -47,10 +47,15 @@ def matrix(module: nn.Module) -> torch.Tensor:
 
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Bool mask, True except at the `count` lowest scores (ties: the first in flat order go)."""
-    flat = scores.reshape(-1).float()
+    flat = scores.detach().reshape(-1).float()
     keep = torch.ones_like(flat, dtype=torch.bool)
-    if count > 0:
-        keep[torch.sort(flat, stable=True).indices[:count]] = False
+    if count >= flat.numel():
+        keep[:] = False
+    elif count > 0:
+        threshold = torch.kthvalue(flat, count).values  # selection, not a full sort: masks renew every step
+        below = flat < threshold
+        keep[below] = False
+        keep[torch.nonzero(flat == threshold).squeeze(1)[:count - int(below.sum())]] = False
     return keep.view_as(scores)
 
 

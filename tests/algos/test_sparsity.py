@@ -51,6 +51,9 @@ def test_gpt2_conv1d_is_seen_output_major():
 def test_lowest_breaks_ties_by_position_so_counts_are_exact():
     mask = lowest(torch.zeros(2, 3), 4)
     assert mask.tolist() == [[False, False, False], [False, True, True]]
+    assert lowest(torch.tensor([1.0, 0.0, 0.0, 2.0, 0.0]), 2).tolist() == [True, False, False, True, True]
+    assert lowest(torch.tensor([3.0, 1.0, 2.0]), 3).tolist() == [False, False, False]
+    assert lowest(torch.tensor([3.0, 1.0, 2.0]), 0).tolist() == [True, True, True]
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.77, 0.9])
