@@ -331,8 +331,8 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
     sparse = [stage.name for stage in stages if stage.kind.sparsity]
     if sparse:
         notes.append(sparse_speed_note(sparse))
-        results["sparsity"] = {stage.name: record for stage in stages
-                               if (record := _sparsity_record(stage.directory)) is not None}
+        results["sparsity"] = {stage.name: record for stage in stages if stage.kind.sparsity
+                               and (record := _sparsity_record(stage.directory)) is not None}
     write_results(results, out, notes=notes, command=command)
     return results
 
@@ -348,7 +348,8 @@ def sparse_speed_note(names: list[str]) -> str:
 
 def _sparsity_record(directory: Path) -> dict[str, Any] | None:
     """The stage's own pruning record: achieved sparsity and each layer's, for the report."""
-    effect = read_manifest(directory)["history"][-1].get("effect", {})
+    history = read_manifest(directory)["history"]
+    effect = history[-1].get("effect", {}) if history else {}
     if "achieved_sparsity" not in effect:
         return None
     return {"achieved": effect["achieved_sparsity"], "target": effect["target_sparsity"],

@@ -224,3 +224,17 @@ def test_a_referenced_models_content_is_in_the_key(tmp_path, recipe_file, tiny_b
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "attention_probs_dropout_prob": 0.2}))
     assert statuses(run_pipeline(recipe, out, quiet=True)) == [("00-finetune", "reused"), ("01-export", "computed")]
+
+
+def test_the_sparsity_record_comes_from_the_stage_own_pruning_record(tmp_path, tiny_classifier):
+    from compress.artifact import Artifact
+
+    model, tokenizer = tiny_classifier
+    base = Artifact("sequence-classification", model.config, tokenizer, model)
+    assert pipeline._sparsity_record(base.save(tmp_path / "base")) is None  # a base model has no history
+    effect = {"target_sparsity": 0.5, "achieved_sparsity": 0.5, "layers": {"a": {"sparsity": 0.5}}}
+    pruned = base.evolve({"kind": "prune", "config": {}, "effect": effect})
+    assert pipeline._sparsity_record(pruned.save(tmp_path / "pruned")) == {"achieved": 0.5, "target": 0.5,
+                                                                           "layers": {"a": 0.5}}
+    exported = pruned.evolve({"kind": "export", "config": {}, "effect": {}})
+    assert pipeline._sparsity_record(exported.save(tmp_path / "exported")) is None  # shown once, at the prune
