@@ -36,3 +36,24 @@ def test_movement_scores_grow_where_training_pushes_weights_away_from_zero():
         movement.on_after_backward(state, None)
     scores = movement.parts["w"].scores[0]
     assert scores[0] > 0 > scores[1]
+
+
+def test_movement_finds_a_planted_sparse_solution_from_a_dense_start():
+    torch.manual_seed(0)
+    true = torch.randn(8, 64) * (torch.rand(8, 64) > 0.5)
+    layer = nn.Linear(64, 8, bias=False)
+    layer.weight.data = true + 0.3 * torch.randn(8, 64)  # every weight starts off its target
+    movement = Movement({"w": layer}, 0.5, "hard", GradualSchedule(start=0.1, end=0.7), lr=0.01, lam=0.0)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
+    state = TrainState(total_steps=300)
+    for _ in range(300):
+        x = torch.randn(64, 64)
+        movement.on_batch_start(state, {})
+        ((layer(x) - x @ true.T) ** 2).mean().backward()
+        movement.on_after_backward(state, None)
+        optimizer.step()
+        optimizer.zero_grad()
+        state.step += 1
+    movement.on_train_end(state, None)
+    kept, support = layer.weight != 0, true != 0
+    assert (kept & support).sum() > 0.85 * support.sum() and (kept & ~support).sum() < 0.15 * (~support).sum()
