@@ -25,9 +25,9 @@ def prunable(model: Any, patterns: list[str] | None = None) -> dict[str, nn.Modu
     the embeddings nor the task head. `patterns` (globs on module names) may name Linear and Embedding
     modules anywhere; a pattern that matches none raises ValueError naming it and a few names that exist."""
     if patterns is None:
-        blocks = {id(module) for block in transformer_blocks(model) for module in block.modules()}
+        inside = in_blocks(model)
         return {name: module for name, module in model.named_modules()
-                if isinstance(module, (nn.Linear, Conv1D)) and id(module) in blocks}
+                if isinstance(module, (nn.Linear, Conv1D)) and id(module) in inside}
     weighted = {name: module for name, module in model.named_modules() if isinstance(module, WEIGHTED)}
     chosen: dict[str, nn.Module] = {}
     for pattern in patterns:
@@ -38,6 +38,11 @@ def prunable(model: Any, patterns: list[str] | None = None) -> dict[str, nn.Modu
                              f"{examples})")
         chosen |= found
     return {name: module for name, module in weighted.items() if name in chosen}  # model order
+
+
+def in_blocks(model: Any) -> set[int]:
+    """The ids of every module inside the transformer blocks."""
+    return {id(module) for block in transformer_blocks(model) for module in block.modules()}
 
 
 def matrix(module: nn.Module) -> torch.Tensor:

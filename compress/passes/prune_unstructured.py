@@ -17,6 +17,7 @@ from compress.algos.sparsegpt import sparsegpt, wanda
 from compress.algos.sparsity import (
     Masks,
     apply_masks,
+    in_blocks,
     layer_sparsity,
     matrix,
     nm_mask,
@@ -24,7 +25,6 @@ from compress.algos.sparsity import (
     prunable,
     ranked_masks,
 )
-from compress.algos.students import transformer_blocks
 from compress.artifact import Artifact, step_record
 from compress.context import Context
 from compress.kinds import Kind
@@ -72,7 +72,7 @@ def run(artifact: Artifact, step: PruneStep, ctx: Context, kind: Kind) -> Artifa
 
 def check_fits(model: Any, step: PruneStep, modules: dict[str, nn.Module]) -> None:
     if step.method in FROM_ROWS:
-        inside = {id(module) for block in transformer_blocks(model) for module in block.modules()}
+        inside = in_blocks(model)
         outside = [name for name, module in modules.items() if id(module) not in inside]
         if outside:
             raise ValueError(f"modules: {step.method} weighs each weight by its input activations, which only "
