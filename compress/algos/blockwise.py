@@ -54,12 +54,12 @@ def prune_block_by_block(model: Any, batches: list[dict[str, Any]], modules: dic
         with torch.no_grad():
             inputs = first_block_inputs(model, tensors)
             for block in transformer_blocks(model):
-                inside = {name: module for name, module in modules.items()
-                          if any(module is part for part in block.modules())}
+                parts = {id(part) for part in block.modules()}
+                inside = {name: module for name, module in modules.items() if id(module) in parts}
                 stats = gather(block, inside, inputs, token_masks, hessian)
                 for name, module in inside.items():
                     prune_layer(name, module, stats[name])
-                inputs = [(with_hidden(args, kwargs, run(block, args, kwargs))) for args, kwargs in inputs]
+                inputs = [with_hidden(args, kwargs, run(block, args, kwargs)) for args, kwargs in inputs]
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
