@@ -217,3 +217,19 @@ def test_missing_data_exits_2_before_anything_is_written(tmp_path, sentiment_fil
     assert main(["run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pattern_that_matches_nothing_exits_2_and_writes_no_stage(tmp_path, tiny_classifier, sentiment_files,
+                                                                     capsys):
+    model, tokenizer = tiny_classifier
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    recipe = {"model": "tiny", "task": "sequence-classification",
+              "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"}, "max_length": 32},
+              "steps": [{"kind": "prune", "method": "magnitude", "sparsity": 0.5, "modules": ["*.mlp.*"]}],
+              "bench": {"enabled": False}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "prune.modules: '*.mlp.*' matches no Linear or Embedding module" in error and "Traceback" not in error
+    assert not (tmp_path / "run" / "00-prune").exists()
