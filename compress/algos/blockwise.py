@@ -15,6 +15,7 @@ from torch import nn
 
 from compress.algos.importance import as_tensors
 from compress.algos.students import transformer_blocks
+from compress.algos.units import in_features
 
 
 class InputStats:
@@ -87,7 +88,7 @@ def first_block_inputs(model: Any, batches: list[dict[str, torch.Tensor]]) -> li
 
 def gather(block: nn.Module, modules: dict[str, nn.Module], inputs: list[tuple[tuple, dict]],
            token_masks: list[torch.Tensor], hessian: bool) -> dict[str, InputStats]:
-    stats = {name: InputStats(matrix_width(module), hessian) for name, module in modules.items()}
+    stats = {name: InputStats(in_features(module), hessian) for name, module in modules.items()}
     current: list[torch.Tensor] = []
 
     def hook(name: str) -> Callable[..., None]:
@@ -105,10 +106,6 @@ def gather(block: nn.Module, modules: dict[str, nn.Module], inputs: list[tuple[t
         for handle in handles:
             handle.remove()
     return stats
-
-
-def matrix_width(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
 def run(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -26,6 +26,9 @@ class HoldMasks(Callback):
                 module.weight.grad.mul_(self._mask(name, module))
 
     def on_step_end(self, state: TrainState, model: Any) -> None:
+        self._zero_outside()
+
+    def _zero_outside(self) -> None:
         apply_masks(self.modules, {name: self._mask(name, module) for name, module in self.modules.items()})
 
     def _mask(self, name: str, module: nn.Module) -> torch.Tensor:
@@ -39,7 +42,7 @@ class HoldMasks(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.masks = dict(state["masks"])
-        apply_masks(self.modules, {name: self._mask(name, module) for name, module in self.modules.items()})
+        self._zero_outside()
 
 
 def held_zeros(model: Any) -> HoldMasks:

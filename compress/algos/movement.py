@@ -67,15 +67,11 @@ class Movement(Callback):
         self.optimizer.zero_grad(set_to_none=True)
 
     def on_train_end(self, state: TrainState, model: Any) -> None:
-        self.finish()
-
-    def finish(self) -> Masks:
         """The final masks (at the target sparsity) as zeros in plain weights; the parametrizations go."""
         masks = self.masks_at(self.final)
         for module in self.modules.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         apply_masks(self.modules, masks)
-        return masks
 
     def masks_at(self, sparsity: float) -> Masks:
         with torch.no_grad():
