@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=100, help="timed runs per variant, over all rounds")
     bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds (A B C, A B C, ...)")
     bench.add_argument("--seq-len", type=int, default=128)
+    bench.add_argument("--runtime", dest="runtimes", action="append", metavar="NAME",
+                       help="where to run: torch, torch-bf16, onnxruntime, openvino, openvino-bf16, torch-cuda, "
+                            "... (repeat for several; default: torch and onnxruntime)")
     bench.set_defaults(handler=_bench)
 
     inspect = sub.add_parser("inspect", help="history, sizes and hashes of an artifact or a run")
@@ -185,14 +188,16 @@ def _export(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from compress.artifact import Artifact
     from compress.data import build_eval_set, load_task_data
-    from compress.eval.bench import Variant, run_bench
+    from compress.eval.bench import BenchStage, on_targets, run_bench
     from compress.eval.report import write_results
+    from compress.eval.targets import check_targets
     from compress.plan import PlannedStage, parent_on_same_format
     from compress.recipe import BenchConfig, DataConfig, DataSource
 
     bench_cfg = _settings(BenchConfig, {"threads": "--threads", "runs": "--runs", "seq_len": "--seq-len",
-                                        "rounds": "--rounds"},
-                          threads=args.threads, runs=args.runs, seq_len=args.seq_len, rounds=args.rounds)
+                                        "rounds": "--rounds", "runtimes": "--runtime"},
+                          threads=args.threads, runs=args.runs, seq_len=args.seq_len, rounds=args.rounds,
+                          **({"runtimes": args.runtimes} if args.runtimes else {}))
     stages, baseline = _benchable(args.path)
     reference = Artifact.load(stages[0].directory)
     source = DataSource(path=str(args.data.resolve()), text=args.text, text_pair=args.text_pair, label=args.label,
@@ -202,8 +207,8 @@ def _bench(args: argparse.Namespace) -> int:
     evals = build_eval_set(load_task_data(cfg, reference.task), reference.tokenizer, cfg)
     planned = [PlannedStage(s.name, None, s.input, s.kind) for s in stages]
     shown = {s.name for s in stages}
-    variants = [Variant(s.name, s.directory, s.kind.format, s.kind.precision,
-                        parent_on_same_format(planned, s.name, shown)) for s in stages]
+    variants = on_targets([BenchStage(s.name, s.directory, s.kind, parent_on_same_format(planned, s.name, shown))
+                           for s in stages], check_targets(bench_cfg.runtimes))
     out = args.out or Path(f"bench-{args.path.resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
     results = run_bench(variants, evals, bench_cfg, baseline, quiet=args.quiet)

@@ -297,17 +297,19 @@ def _why_not_reusable(directory: Path, key: str) -> str | None:
 
 def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Stage], reference: str,
            runner: _StageRunner, quiet: bool, command: str | None, data: TaskData) -> dict[str, Any]:
-    from compress.eval.bench import Variant, run_bench
+    from compress.eval.bench import BenchStage, on_targets, run_bench
     from compress.eval.report import write_results
+    from compress.eval.targets import check_targets
 
     names = {stage.name for stage in stages}
     onnx_reference = next((s.name for s in stages if s.input == reference and s.kind.format == "onnx"), None)
-    variants = []
+    bench_stages = []
     for stage in _in_report_order(stages, reference):
         parent = parent_on_same_format(plan, stage.name, names)
         if parent is None and stage.kind.format == "onnx" and stage.name != onnx_reference:
             parent = onnx_reference  # an ONNX row made from a compressed torch model vs the uncompressed graph
-        variants.append(Variant(stage.name, stage.directory, stage.kind.format, stage.kind.precision, parent))
+        bench_stages.append(BenchStage(stage.name, stage.directory, stage.kind, parent))
+    variants = on_targets(bench_stages, check_targets(recipe.bench.runtimes))
     from transformers import AutoTokenizer
 
     evals = runner.eval_set(AutoTokenizer.from_pretrained(stages[-1].directory))  # not the whole model

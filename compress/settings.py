@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from compress.sysinfo import machine_info
 
@@ -85,6 +93,9 @@ class QuantTolerance(Strict):
 
 class BenchConfig(Strict):
     enabled: bool = True
+    # Where each stage runs (compress/eval/targets.py): every listed target of a stage's format gives a row; a
+    # format none of them runs gets its default (torch, onnxruntime).
+    runtimes: list[str] = Field(default_factory=lambda: ["torch", "onnxruntime"], min_length=1)
     baseline: str | None = None  # a stage ("@00-finetune"); default: the last output of a non-compressing step
     batch_size: PositiveInt = 1
     seq_len: PositiveInt = 128  # fixed length, filled with real tokens (causal LM: one forward pass)
@@ -98,6 +109,16 @@ class BenchConfig(Strict):
     new_tokens: int = Field(32, ge=2)
     generation_runs: int = Field(10, ge=3)  # timed generations per variant, spread over the rounds
     timeout_s: int = Field(900, ge=10)  # a worker that does not answer a request within this is stopped
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_and_installed(cls, names: list[str]) -> list[str]:
+        from compress.eval.targets import check_targets
+
+        if len(set(names)) != len(names):
+            raise ValueError(f"lists a runtime twice: {', '.join(names)}")
+        check_targets(names)
+        return names
 
     @model_validator(mode="after")
     def _every_round_times_every_variant(self) -> BenchConfig:

@@ -11,11 +11,14 @@ import numpy as np
 from tqdm import tqdm
 
 from compress.arch import is_text_stream
+from compress.errors import BenchError
 from compress.eval.latency import summarize
 from compress.eval.metrics import compare_paired
 from compress.eval.size import deployed_files, disk_size
+from compress.eval.targets import DEFAULT, TARGETS, Target, targets_for
 from compress.eval.workers import WorkerProcess, started_workers
 from compress.evalset import EvalSet
+from compress.kinds import Kind
 from compress.settings import BenchConfig
 from compress.sysinfo import library_versions, machine_info
 
@@ -35,20 +38,63 @@ class Variant:
     format: str  # "torch" or "onnx": what the artifact deploys
     precision: str
     parent: str | None = None  # the variant this one was made from that deploys on the same runtime
+    target: str | None = None  # where it runs (targets.py); default: its format's default runtime
+    not_run: str | None = None  # why this machine cannot run it: it becomes a row that says so
+
+    @property
+    def runs_on(self) -> Target:
+        return TARGETS[self.target or DEFAULT[self.format]]
+
+
+@dataclass(frozen=True)
+class BenchStage:
+    name: str
+    directory: Path
+    kind: Kind
+    parent: str | None  # the stage it was made from that deploys the same format
+
+
+def on_targets(stages: list[BenchStage], targets: list[Target]) -> list[Variant]:
+    """Every stage on each listed target that runs its format (its format's default when none does). The first
+    such target keeps the stage's name, the others add theirs: `01-export@openvino-bf16`. A variant's parent is
+    its stage's parent on the same target."""
+    variants = []
+    for stage in stages:
+        for index, target in enumerate(targets_for(stage.kind.format, targets)):
+            def named(stage_name: str, index: int = index, target: Target = target) -> str:
+                return stage_name if index == 0 else f"{stage_name}@{target.name}"
+
+            variants.append(Variant(named(stage.name), stage.directory, stage.kind.format, stage.kind.precision,
+                                    None if stage.parent is None else named(stage.parent), target.name,
+                                    target.rejects(stage.kind) or target.unavailable()))
+    runnable = {variant.name for variant in variants if variant.not_run is None}
+    for variant in variants:
+        if variant.parent not in runnable:
+            variant.parent = None
+    return variants
 
 
 def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, baseline: str, quiet: bool = False) -> dict:
     """Metric, latency, size and peak memory of every variant, with speed-ups and metric change vs `baseline`
-    and vs each variant's parent; for a causal LM also its generation speed, or why it cannot generate."""
+    and vs each variant's parent; for a causal LM also its generation speed, or why it cannot generate. A variant
+    this machine cannot run, or whose runtime cannot load it, is a row that says why."""
     _check_variants(variants, baseline)
     inputs = ["fixed", "padded"] + (["real"] if min(cfg.real_length_samples, len(evalset)) else [])
     generation = is_text_stream(evalset.task)
+    not_run = {variant.name: variant.not_run for variant in variants if variant.not_run}
+    if baseline in not_run:
+        raise BenchError(f"the baseline {baseline!r} cannot run here: {not_run[baseline]}")
+    runnable = [variant for variant in variants if variant.name not in not_run]
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as scratch:  # the eval arrays, the workers' stderr
         evalset_path = Path(scratch) / "evalset.npz"
         evalset.save(evalset_path)
-        with started_workers([v.name for v in variants], cfg.threads, cfg.timeout_s, Path(scratch)) as workers:
-            measured = _measure(workers, variants, evalset_path, inputs, generation, cfg, quiet)
-    rows = [_row(variant, measured, baseline, generation, cfg) for variant in variants]
+        with started_workers([v.name for v in runnable], cfg.threads, cfg.timeout_s, Path(scratch)) as workers:
+            measured = _measure(workers, runnable, evalset_path, inputs, generation, cfg, quiet)
+    not_run |= {name: own["error"] for name, own in measured.items() if "error" in own}
+    if baseline in not_run:
+        raise BenchError(f"the baseline {baseline!r} cannot run here: {not_run[baseline]}")
+    rows = [_not_run_row(variant, not_run[variant.name]) if variant.name in not_run
+            else _row(variant, measured, baseline, generation, cfg, not_run) for variant in variants]
     if not quiet:
         for row in rows:
             tqdm.write(_summary_line(row), file=sys.stderr)
@@ -79,9 +125,12 @@ def _check_variants(variants: list[Variant], baseline: str) -> None:
 
 def _measure(workers: dict[str, WorkerProcess], variants: list[Variant], evalset_path: Path, inputs: list[str],
              generation: bool, cfg: BenchConfig, quiet: bool) -> dict[str, dict]:
+    """Each worker's measurements, or {"error": why} for one whose runtime could not load its artifact."""
     for variant in variants:  # all load at once: nothing is timed yet
         workers[variant.name].send(_load_request(variant, evalset_path, cfg))
     measured = {name: worker.receive() for name, worker in workers.items()}
+    for name in [name for name, own in measured.items() if "error" in own]:
+        workers.pop(name).stop(graceful=True)
     generating = [name for name in workers if generation and measured[name]["cannot_generate"] is None]
     with tqdm(total=cfg.rounds * (len(inputs) * len(workers) + len(generating)), desc="bench latency",
               unit="request", disable=quiet, leave=False) as bar:
@@ -98,7 +147,7 @@ def _measure(workers: dict[str, WorkerProcess], variants: list[Variant], evalset
 def _load_request(variant: Variant, evalset_path: Path, cfg: BenchConfig) -> dict:
     return {"op": "load", "artifact_dir": str(Path(variant.artifact_dir).resolve()), "evalset": str(evalset_path),
             "threads": cfg.threads, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-            "real_length_samples": cfg.real_length_samples}
+            "real_length_samples": cfg.real_length_samples, "target": variant.runs_on.name}
 
 
 def _interleaved_rounds(workers: dict[str, WorkerProcess], inputs: list[str], generating: list[str],
@@ -130,8 +179,10 @@ def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (index < total % parts) for index in range(parts)]
 
 
-def _row(variant: Variant, measured: dict[str, dict], baseline: str, generation: bool, cfg: BenchConfig) -> dict:
+def _row(variant: Variant, measured: dict[str, dict], baseline: str, generation: bool, cfg: BenchConfig,
+         not_run: dict[str, str]) -> dict:
     own = measured[variant.name]
+    parent = None if variant.parent in not_run else variant.parent
     metric = own["metric"]
     change = compare_paired(metric["name"], _rows(measured[baseline]), _rows(own))
     latency = own["latency"]
@@ -139,7 +190,8 @@ def _row(variant: Variant, measured: dict[str, dict], baseline: str, generation:
         "name": variant.name,
         "format": variant.format,
         "precision": variant.precision,
-        "parent": variant.parent,
+        "target": variant.runs_on.name,
+        "parent": parent,
         "runtime": own["runtime"],
         "metric": {"name": metric["name"], "value": metric["value"]},
         "metric_delta": change.delta,
@@ -150,11 +202,18 @@ def _row(variant: Variant, measured: dict[str, dict], baseline: str, generation:
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
         "speedup_vs_baseline": _speedup(measured[baseline], own),
-        "speedup_vs_parent": None if variant.parent is None else _speedup(measured[variant.parent], own),
+        "speedup_vs_parent": None if parent is None else _speedup(measured[parent], own),
         **disk_size(deployed_files(variant.artifact_dir, variant.format)),
         "peak_rss_mb": own["peak_rss_mb"],
         **(_generation(own) if generation else {}),
     }
+
+
+def _not_run_row(variant: Variant, reason: str) -> dict:
+    target = variant.runs_on
+    return {"name": variant.name, "format": variant.format, "precision": variant.precision, "target": target.name,
+            "parent": None, "runtime": {"name": target.engine, "device": target.device}, "not_run": reason,
+            **disk_size(deployed_files(variant.artifact_dir, variant.format))}
 
 
 def _generation(measured: dict) -> dict:
@@ -172,6 +231,8 @@ def _speedup(reference: dict, measured: dict) -> float:
 
 
 def _summary_line(row: dict) -> str:
+    if "not_run" in row:
+        return f"bench {row['name']}: not run: {row['not_run']}"
     metric = row["metric"]
     generation = ""
     if row.get("ttft_ms"):

@@ -102,6 +102,9 @@ def _table(rows: list[dict], baseline: str, generation: bool) -> list[str]:
               *(["first token ms", "ms/token"] if generation else []), "Size MiB", "Zipped MiB", "Peak RSS MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
     for row in rows:
+        if "not_run" in row:
+            lines.append(_not_run_line(row, len(header)))
+            continue
         real = row["latency_real_ms"]
         cells = [
             row["name"],
@@ -123,6 +126,12 @@ def _table(rows: list[dict], baseline: str, generation: bool) -> list[str]:
     return lines
 
 
+def _not_run_line(row: dict, columns: int) -> str:
+    cells = [row["name"], "-", _runtime_cell(row["runtime"]), row["precision"], f"not run: {row['not_run']}",
+             *["-"] * (columns - 8), f"{row['size_bytes'] / MIB:.1f}", f"{row['size_zipped_bytes'] / MIB:.1f}", "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def _generation_cells(row: dict) -> list[str]:
     """Time to first token and per token after it, or why the variant cannot generate."""
     if row["ttft_ms"] is None:
@@ -131,10 +140,18 @@ def _generation_cells(row: dict) -> list[str]:
 
 
 def _runtime_cell(runtime: dict) -> str:
-    if runtime["name"] == "onnxruntime":
+    """Engine, device, the precision it was told to compute in when that is not the artifact's own, threads."""
+    name = runtime["name"]
+    if "version" not in runtime:  # a row that never ran: what it was meant to run on
+        return f"{name} {runtime['device'].upper() if name == 'openvino' else runtime['device']}"
+    if name == "onnxruntime":
         provider = runtime["execution_provider"].removesuffix("ExecutionProvider")
         return f"onnxruntime {provider}, {_threads(runtime['intra_op_threads'])}"
-    return f"{runtime['name']}, {_threads(runtime['threads'])}"
+    if name == "openvino":
+        return f"openvino {runtime['device']}, {runtime['precision']}, {_threads(runtime['threads'])}"
+    device = runtime.get("device_name") or runtime.get("device", "cpu")
+    autocast = f", {runtime['autocast']} autocast" if runtime.get("autocast") else ""
+    return f"torch {device}{autocast}, {_threads(runtime['threads'])}"
 
 
 def _threads(count: int) -> str:

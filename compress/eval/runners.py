@@ -1,5 +1,5 @@
-"""One `logits(features)` interface over a torch model and an ONNX Runtime session, and greedy generation
-with a KV cache (`prefill`, then `decode` one token at a time) for those that can generate.
+"""One `logits(features)` interface over a torch model, an ONNX Runtime session and an OpenVINO compiled model,
+and greedy generation with a KV cache (`prefill`, then `decode` one token at a time) for those that can.
 
 Only the torch path imports torch and transformers, and only when used: an ONNX bench worker stays light,
 so its peak memory and start-up reflect what deploying the graph costs.
@@ -7,14 +7,17 @@ so its peak memory and start-up reflect what deploying the graph costs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from compress.artifact import GRAPH, read_manifest
+from compress.eval.targets import AS_STORED, TARGETS, Target
 from compress.kinds import Kind
 
 DENORMAL_AS_ZERO = "session.set_denormal_as_zero"
@@ -27,6 +30,7 @@ ORT_DTYPES = {
     "tensor(float16)": np.float16,
     "tensor(bool)": np.bool_,
 }
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
 class Runner(Protocol):
@@ -51,12 +55,14 @@ class Runner(Protocol):
 class TorchRunner:
     format = "torch"
 
-    def __init__(self, model: Any, threads: int | None = None) -> None:
+    def __init__(self, model: Any, threads: int | None = None, autocast: str | None = None) -> None:
+        """`autocast`: "bf16" or "fp16" computes the matrix products at that precision on the model's device."""
         import torch
 
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model.eval()
+        self.autocast = autocast
         parameters = inspect.signature(model.forward).parameters.values()
         # Named parameters only: a model's **kwargs would swallow inputs it does not understand.
         self.accepted = {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
@@ -65,7 +71,7 @@ class TorchRunner:
         import torch
 
         inputs = {k: self._tensor(v) for k, v in features.items() if k in self.accepted}
-        with torch.inference_mode():
+        with torch.inference_mode(), self._precision():
             output = self.model(**inputs)
         return output.logits.float().cpu().numpy()
 
@@ -84,39 +90,62 @@ class TorchRunner:
     def _step(self, input_ids: np.ndarray, cache: Any, **options: Any) -> tuple[np.ndarray, Any]:
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self._precision():
             output = self.model(input_ids=self._tensor(input_ids), past_key_values=cache, use_cache=True, **options)
         return output.logits[:, -1].argmax(-1).cpu().numpy(), output.past_key_values
+
+    def _precision(self) -> Any:
+        import torch
+
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
+        return torch.autocast(self._device().type, dtype=dtype)
+
+    def _device(self) -> Any:
+        return next(self.model.parameters()).device  # evaluation runs where the model is, CPU or GPU
 
     def _tensor(self, value: np.ndarray) -> Any:
         import torch
 
-        device = next(self.model.parameters()).device  # evaluation runs where the model is, CPU or GPU
-        return torch.from_numpy(np.ascontiguousarray(value)).to(device)
+        return torch.from_numpy(np.ascontiguousarray(value)).to(self._device())
 
     def runtime(self) -> dict[str, Any]:
         import torch
 
-        return {"name": "torch", "version": torch.__version__, "threads": torch.get_num_threads(),
+        device = self._device()
+        return {"name": "torch", "version": torch.__version__, "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "autocast": self.autocast, "threads": torch.get_num_threads(),
                 "interop_threads": torch.get_num_interop_threads()}
 
 
-class OrtRunner:
+@dataclass(frozen=True)
+class GraphInput:
+    name: str
+    shape: list[int | str | None]
+    dtype: Any  # numpy dtype
+
+
+class GraphRunner:
+    """What every ONNX runtime shares: feeds built from the eval features (position ids derived, an empty cache
+    for a graph with cache inputs) and greedy generation over its cache outputs. A subclass sets `inputs` and
+    `output_name` and runs the graph in `_run`."""
+
     format = "onnx"
+    inputs: list[GraphInput]
+    output_name: str
 
-    def __init__(self, path: Path, threads: int = 2, denormal_as_zero: bool = True) -> None:
-        import onnxruntime as ort
-
-        options = session_options(threads, denormal_as_zero)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = self.session.get_inputs()
-        self.output_name = self.session.get_outputs()[0].name
+    def _init_cache(self) -> None:
         self.past = [spec for spec in self.inputs if spec.name.startswith(PAST)]
         self.present_names = [PRESENT + spec.name.removeprefix(PAST) for spec in self.past]
 
+    def _run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
     def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
         """A graph with cache inputs gets an empty cache: the whole input is the prompt."""
-        (logits,) = self.session.run([self.output_name], self._feeds(features, self._empty_cache(features)))
+        (logits,) = self._run([self.output_name], self._feeds(features, self._empty_cache(features)))
         return logits.astype(np.float32, copy=False)
 
     @property
@@ -134,13 +163,12 @@ class OrtRunner:
     def _step(self, features: dict[str, np.ndarray],
               cache: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feeds = self._feeds(features, self._empty_cache(features) if cache is None else cache)
-        logits, *present = self.session.run([self.output_name, *self.present_names], feeds)
+        logits, *present = self._run([self.output_name, *self.present_names], feeds)
         return logits[:, -1].argmax(-1), {spec.name: value for spec, value in zip(self.past, present, strict=True)}
 
     def _empty_cache(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = len(features["input_ids"])
-        return {spec.name: empty_past(spec.shape, batch).astype(ORT_DTYPES.get(spec.type, np.float32))
-                for spec in self.past}
+        return {spec.name: empty_past(spec.shape, batch).astype(spec.dtype) for spec in self.past}
 
     def _feeds(self, features: dict[str, np.ndarray], cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = dict(cache)
@@ -153,8 +181,26 @@ class OrtRunner:
                 value = position_ids(features["attention_mask"])[:, -features["input_ids"].shape[1]:]
             else:
                 raise KeyError(f"the ONNX graph needs input {spec.name!r}, which the eval features lack")
-            feeds[spec.name] = value.astype(ORT_DTYPES.get(spec.type, np.float32), copy=False)
+            feeds[spec.name] = value.astype(spec.dtype, copy=False)
         return feeds
+
+
+class OrtRunner(GraphRunner):
+    def __init__(self, path: Path, threads: int = 2, denormal_as_zero: bool = True,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        options = session_options(threads, denormal_as_zero)
+        # The CPU provider last: it runs whatever a GPU provider leaves.
+        chosen = list(dict.fromkeys([*providers, "CPUExecutionProvider"]))
+        self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        self.inputs = [GraphInput(spec.name, spec.shape, ORT_DTYPES.get(spec.type, np.float32))
+                       for spec in self.session.get_inputs()]
+        self.output_name = self.session.get_outputs()[0].name
+        self._init_cache()
+
+    def _run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(output_names, feeds)
 
     def runtime(self) -> dict[str, Any]:
         import onnxruntime as ort
@@ -168,6 +214,43 @@ class OrtRunner:
             "inter_op_threads": options.inter_op_num_threads,
             "denormal_as_zero": options.get_session_config_entry(DENORMAL_AS_ZERO) == "1",
         }
+
+
+class OpenVinoRunner(GraphRunner):
+    """OpenVINO's CPU plugin reading the ONNX file directly, with its threads, streams and precision set
+    explicitly: left alone, it computes in bf16 on CPUs that have it, a different numeric result."""
+
+    def __init__(self, path: Path, threads: int = 2, precision: str = "fp32") -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "INFERENCE_NUM_THREADS": threads,
+                  "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "CPU_DENORMALS_OPTIMIZATION": True}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.inputs = [GraphInput(port.get_any_name(), _ov_shape(port), port.get_element_type().to_dtype())
+                       for port in self.compiled.inputs]
+        self.output_name = self.compiled.outputs[0].get_any_name()
+        self._init_cache()
+
+    def _run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer(feeds)
+        # Copies: the request reuses its output buffers on the next call.
+        return [np.array(results[self.compiled.output(name)]) for name in output_names]
+
+    def runtime(self) -> dict[str, Any]:
+        import openvino as ov
+
+        get = self.compiled.get_property
+        # Read back from the compiled model: what OpenVINO applied, not what was asked.
+        return {"name": "openvino", "version": ov.__version__, "device": "CPU",
+                "precision": get("INFERENCE_PRECISION_HINT").to_string(),
+                "threads": int(get("INFERENCE_NUM_THREADS")), "streams": int(get("NUM_STREAMS")),
+                "performance_hint": str(get("PERFORMANCE_HINT"))}
+
+
+def _ov_shape(port: Any) -> list[int | None]:
+    return [dim.get_length() if dim.is_static else None for dim in port.get_partial_shape()]
 
 
 def session_options(threads: int, denormal_as_zero: bool = True) -> Any:
@@ -210,13 +293,24 @@ def greedy_tokens(runner: Runner, input_ids: np.ndarray, new_tokens: int) -> Ite
         yield tokens
 
 
-def load_runner(artifact_dir: Path, threads: int) -> TorchRunner | OrtRunner:
+def load_runner(artifact_dir: Path, threads: int, target: Target = TARGETS["torch"]) -> Runner:
+    """The artifact under `target`; the artifact's own format decides when the target is the default."""
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     kind = Kind.from_json(manifest["kind"])
     if kind.format == "onnx":
-        return OrtRunner(artifact_dir / GRAPH, threads)
+        if target.format != "onnx":
+            target = TARGETS["onnxruntime"]
+        if target.engine == "openvino":
+            return OpenVinoRunner(artifact_dir / GRAPH, threads, target.precision)
+        return OrtRunner(artifact_dir / GRAPH, threads, providers=target.providers)
     from compress.artifact import Artifact
 
     # As saved: its dtype, or its quantized modules rebuilt (a plain from_pretrained would drop them).
-    return TorchRunner(Artifact.load(artifact_dir).model, threads)
+    model = Artifact.load(artifact_dir).model
+    if target.format != "torch":
+        target = TARGETS["torch"]
+    if target.device == "cuda":
+        model = model.to("cuda")
+    autocast = None if target.precision == AS_STORED else target.precision
+    return TorchRunner(model, threads, autocast)

@@ -2,8 +2,8 @@
 
 Usage: python -m compress.eval.worker, then one JSON request per line on stdin, one JSON reply per line on stdout:
 
-  {"op": "load", "artifact_dir", "evalset", "threads", "batch_size", "seq_len", "real_length_samples"}
-                                                     -> {"runtime": {...}, "cannot_generate": null | "why"}
+  {"op": "load", "artifact_dir", "evalset", "threads", "batch_size", "seq_len", "real_length_samples", "target"}
+                                 -> {"runtime": {...}, "cannot_generate": null | "why"}, or {"error": "why"}
   {"op": "latency", "inputs": "fixed" | "padded" | "real", "warmup": N, "runs": N}
                                                      -> {"timings_ms": [...]}
   {"op": "generate", "new_tokens": N, "warmup": N, "runs": N}
@@ -23,12 +23,15 @@ import json
 import os
 import resource
 import sys
+import traceback
 from pathlib import Path
 from typing import TextIO
 
+from compress.errors import CompressError
 from compress.eval.latency import time_generation, time_runs
 from compress.eval.metrics import evaluate
 from compress.eval.runners import Runner, load_runner
+from compress.eval.targets import TARGETS
 from compress.evalset import EvalSet
 
 
@@ -49,8 +52,14 @@ class Worker:
         return handlers[op](**request)
 
     def load(self, artifact_dir: str, evalset: str, threads: int, batch_size: int, seq_len: int,
-             real_length_samples: int) -> dict:
-        self.runner = load_runner(Path(artifact_dir), threads)
+             real_length_samples: int, target: str = "torch") -> dict:
+        try:
+            self.runner = load_runner(Path(artifact_dir), threads, TARGETS[target])
+        except CompressError:
+            raise  # the artifact itself is wrong: no runtime could run it
+        except Exception as err:  # noqa: BLE001  (a runtime that cannot read the graph: the row says why)
+            traceback.print_exc()
+            return {"error": load_failure(err)}
         self.evalset = EvalSet.load(Path(evalset))
         self.inputs = {
             "fixed": [self.evalset.real_token_inputs(batch_size, seq_len)],
@@ -77,6 +86,17 @@ class Worker:
     def metric(self, batch_size: int) -> dict:
         result = evaluate(self.runner, self.evalset, batch_size=batch_size, progress=False)
         return {"name": result.name, "value": result.value, "rows": {k: v.tolist() for k, v in result.rows.items()}}
+
+
+def load_failure(err: Exception) -> str:
+    """One line out of a runtime's multi-line error: OpenVINO's list of ops it has no conversion rule for, or
+    the last line that says something."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("-- "):
+            return line.removeprefix("-- ")
+    meaningful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return (meaningful or [type(err).__name__])[-1]
 
 
 def serve(requests: TextIO, replies: TextIO) -> None:

@@ -9,13 +9,15 @@ import pytest
 
 from compress.errors import BenchError
 from compress.eval import workers
-from compress.eval.bench import Variant, run_bench
+from compress.eval.bench import BenchStage, Variant, on_targets, run_bench
 from compress.eval.report import write_results
 from compress.eval.size import deployed_files, disk_size
+from compress.eval.targets import TARGETS, Target
 from compress.eval.workers import WorkerProcess
+from compress.kinds import Kind
 from compress.settings import BenchConfig
 
-ROW_KEYS = {"name", "format", "precision", "parent", "runtime", "metric", "metric_delta", "metric_delta_ci95",
+ROW_KEYS = {"name", "format", "precision", "target", "parent", "runtime", "metric", "metric_delta", "metric_delta_ci95",
             "metric_change_rel", "metric_change_rel_ci95", "latency_ms", "latency_padded_ms", "latency_real_ms",
             "batch_size", "seq_len", "speedup_vs_baseline", "speedup_vs_parent", "size_bytes", "size_zipped_bytes",
             "peak_rss_mb"}
@@ -214,3 +216,59 @@ def test_inconsistent_variants_are_refused_before_running(bert_onnx_artifact, be
     with pytest.raises(ValueError, match=message):
         run_bench(variants, classification_evalset, CONFIG, baseline=baseline, quiet=True)
     assert children() == before
+
+
+@pytest.fixture(scope="module")
+def targets_bench(bert_torch_artifact, bert_onnx_artifact, bert_int8_fused_artifact, classification_evalset) -> dict:
+    stages = [BenchStage("00-torch", bert_torch_artifact, Kind(), None),
+              BenchStage("01-onnx", bert_onnx_artifact, Kind("onnx"), None),
+              BenchStage("02-int8", bert_int8_fused_artifact, Kind("onnx", "int8-dynamic", runtime="onnxruntime"),
+                         "01-onnx")]
+    variants = on_targets(stages, [TARGETS["onnxruntime"], TARGETS["openvino"]])
+    return recorded_bench(variants, classification_evalset, CONFIG)
+
+
+def test_each_stage_runs_on_every_listed_target_of_its_format(targets_bench):
+    rows = {row["name"]: row for row in targets_bench["results"]["rows"]}
+    assert list(rows) == ["00-torch", "01-onnx", "01-onnx@openvino", "02-int8", "02-int8@openvino"]
+    assert {name: row["target"] for name, row in rows.items()} == {
+        "00-torch": "torch", "01-onnx": "onnxruntime", "01-onnx@openvino": "openvino", "02-int8": "onnxruntime",
+        "02-int8@openvino": "openvino"}
+    assert rows["01-onnx@openvino"]["runtime"]["precision"] == "f32"
+    assert rows["02-int8"]["parent"] == "01-onnx"
+    assert rows["01-onnx@openvino"]["metric"]["value"] == rows["01-onnx"]["metric"]["value"]
+
+
+def test_a_graph_a_runtime_cannot_load_is_a_row_with_the_reason_and_never_timed(targets_bench, tmp_path):
+    row = next(row for row in targets_bench["results"]["rows"] if row["name"] == "02-int8@openvino")
+    assert row["not_run"] == ("No conversion rule found for operations: com.microsoft.QAttention, "
+                              "com.microsoft.QEmbedLayerNormalization")
+    assert "latency_ms" not in row and row["size_bytes"] > 0
+    timed = {name for name, request in targets_bench["sent"] if request["op"] == "latency"}
+    assert "02-int8@openvino" not in timed and "01-onnx@openvino" in timed
+    assert targets_bench["children_left"] == set()
+    write_results(targets_bench["results"], tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| 02-int8@openvino | - | openvino CPU | int8 | not run: No conversion rule found" in report
+    assert "openvino CPU, f32, 1 thread" in report
+
+
+def test_a_target_this_machine_lacks_is_a_row_that_says_so(bert_torch_artifact, bert_onnx_artifact,
+                                                           classification_evalset, monkeypatch):
+    monkeypatch.setattr(Target, "unavailable", lambda self: "no CUDA device" if self.device == "cuda" else None)
+    stages = [BenchStage("torch", bert_torch_artifact, Kind(), None),
+              BenchStage("onnx", bert_onnx_artifact, Kind("onnx"), None)]
+    variants = on_targets(stages, [TARGETS["torch"], TARGETS["torch-cuda-bf16"]])
+    assert [(v.name, v.not_run) for v in variants] == [("torch", None), ("torch@torch-cuda-bf16", "no CUDA device"),
+                                                       ("onnx", None)]
+    results = run_bench(variants, classification_evalset, CONFIG, baseline="torch", quiet=True)
+    assert results["rows"][1]["not_run"] == "no CUDA device"
+    with pytest.raises(BenchError, match="the baseline 'torch@torch-cuda-bf16' cannot run here: no CUDA device"):
+        run_bench(variants, classification_evalset, CONFIG, baseline="torch@torch-cuda-bf16", quiet=True)
+
+
+def test_a_precision_hint_applies_to_float_weights_only():
+    assert TARGETS["torch-bf16"].rejects(Kind("torch", "fake-quant")) == (
+        "a bf16 hint applies to float weights; these are fake-quant")
+    assert TARGETS["torch-bf16"].rejects(Kind()) is None
+    assert TARGETS["openvino"].rejects(Kind()) == "runs onnx artifacts, not torch"

@@ -4,7 +4,8 @@ import json
 
 from compress.eval.report import write_results
 
-TORCH = {"name": "torch", "version": "2.13.0", "threads": 2, "interop_threads": 1}
+TORCH = {"name": "torch", "version": "2.13.0", "device": "cpu", "device_name": None, "autocast": None, "threads": 2,
+         "interop_threads": 1}
 ORT = {"name": "onnxruntime", "version": "1.32.0", "execution_provider": "CPUExecutionProvider",
        "intra_op_threads": 2, "inter_op_threads": 1, "denormal_as_zero": True}
 
@@ -49,7 +50,7 @@ def test_report_lists_machine_method_rows_notes_and_versions(tmp_path):
     assert "3 interleaved rounds" in report and "100 timed runs per variant" in report
     assert "batch 1 × 256 real tokens" in report
     assert "ratios of fixed-length p50s taken in this one interleaved run" in report
-    assert ("| fp32-torch | - | torch, 2 threads | fp32 | 12.50 (baseline) | 40.00 ±3.0% | 1.00x | - | 56.00 | - "
+    assert ("| fp32-torch | - | torch cpu, 2 threads | fp32 | 12.50 (baseline) | 40.00 ±3.0% | 1.00x | - | 56.00 | - "
             "| 3.0 | 2.5 | 512 |") in report
     assert ("| int8-onnx | fp32-onnx | onnxruntime CPU, 2 threads | int8 | 12.75 (+2.00%, +1.60% to +2.60%) "
             "| 10.00 ±3.0% | 4.00x | 2.00x | 14.00 | - | 3.0 | 2.5 | 512 |") in report
@@ -92,7 +93,7 @@ def test_accuracy_shows_percent_with_the_change_in_points(tmp_path):
     write_results(results, tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "| accuracy (Δ vs baseline, 95 % CI) |" in report
-    assert "| fp32-torch | - | torch, 2 threads | fp32 | 90.00% (baseline) |" in report
+    assert "| fp32-torch | - | torch cpu, 2 threads | fp32 | 90.00% (baseline) |" in report
     assert "| fp32-onnx | - | onnxruntime CPU, 2 threads | fp32 | 88.50% (-1.50 pt, -2.50 to -0.60) |" in report
 
 

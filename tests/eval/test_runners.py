@@ -10,12 +10,14 @@ import pytest
 
 from compress.eval.runners import (
     NO_CACHE,
+    OpenVinoRunner,
     OrtRunner,
     TorchRunner,
     greedy_tokens,
     load_runner,
     session_options,
 )
+from compress.eval.targets import TARGETS
 from compress.settings import FloatTolerance
 
 SST2_DEV = Path(__file__).resolve().parents[2] / "pipelines" / "data" / "sst2-dev.tsv"
@@ -138,8 +140,65 @@ def test_runners_report_their_runtime_settings(tiny_classifier, bert_onnx_artifa
                             "inter_op_threads": 1, "denormal_as_zero": True}
     assert OrtRunner(bert_onnx_artifact / "model.onnx", denormal_as_zero=False).runtime()["denormal_as_zero"] is False
     torch_runtime = TorchRunner(tiny_classifier[0], threads=1).runtime()
-    assert torch_runtime == {"name": "torch", "version": torch.__version__, "threads": 1,
-                             "interop_threads": torch.get_num_interop_threads()}
+    assert torch_runtime == {"name": "torch", "version": torch.__version__, "device": "cpu", "device_name": None,
+                             "autocast": None, "threads": 1, "interop_threads": torch.get_num_interop_threads()}
+    assert TorchRunner(tiny_classifier[0], autocast="bf16").runtime()["autocast"] == "bf16"
+
+
+def test_openvino_reports_what_it_applied_not_what_was_asked(bert_onnx_artifact):
+    import openvino as ov
+
+    runtime = OpenVinoRunner(bert_onnx_artifact / "model.onnx", threads=1, precision="fp32").runtime()
+    assert runtime == {"name": "openvino", "version": ov.__version__, "device": "CPU", "precision": "f32",
+                       "threads": 1, "streams": 1, "performance_hint": "LATENCY"}
+
+
+def test_openvino_f32_matches_onnx_runtime_on_a_classifier(bert_onnx_artifact, classification_evalset):
+    features = classification_evalset.features
+    expected = OrtRunner(bert_onnx_artifact / "model.onnx", threads=1).logits(features)
+    logits = OpenVinoRunner(bert_onnx_artifact / "model.onnx", threads=1, precision="fp32").logits(features)
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(TARGETS["openvino-bf16"].unavailable() is not None, reason="this CPU has no bf16 units")
+def test_a_bf16_hint_changes_the_numbers_which_is_why_it_is_its_own_row(bert_onnx_artifact, classification_evalset):
+    features = classification_evalset.features
+    f32 = OpenVinoRunner(bert_onnx_artifact / "model.onnx", threads=1, precision="fp32")
+    bf16 = OpenVinoRunner(bert_onnx_artifact / "model.onnx", threads=1, precision="bf16")
+    assert bf16.runtime()["precision"] == "bf16"
+    difference = np.abs(bf16.logits(features) - f32.logits(features)).max()
+    assert 1e-6 < difference < 0.1  # bf16 keeps 8 bits of mantissa: different, but close
+
+
+def test_openvino_generates_the_same_tokens_with_the_cache(llama_onnx_dirs, lm_evalset):
+    graph = llama_onnx_dirs["text-generation-with-past"] / "model.onnx"
+    input_ids = lm_evalset.real_token_inputs(batch_size=2, seq_len=5)["input_ids"]
+    expected = [tokens.tolist() for tokens in greedy_tokens(OrtRunner(graph), input_ids, 4)]
+    assert [tokens.tolist() for tokens in greedy_tokens(OpenVinoRunner(graph), input_ids, 4)] == expected
+
+
+def test_a_torch_runner_under_bf16_autocast_stays_close_to_fp32(tiny_classifier, classification_evalset):
+    model, _ = tiny_classifier
+    features = classification_evalset.features
+    fp32 = TorchRunner(model).logits(features)
+    bf16 = TorchRunner(model, autocast="bf16").logits(features)
+    assert bf16.dtype == np.float32
+    assert 0 < np.abs(bf16 - fp32).max() < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["as-stored", "bf16", "fp16"])
+def test_torch_on_cuda_runs_each_precision_close_to_the_cpu(tiny_classifier, classification_evalset, precision):
+    import copy
+
+    model, _ = tiny_classifier
+    features = classification_evalset.features
+    expected = TorchRunner(model).logits(features)
+    on_gpu = TorchRunner(copy.deepcopy(model).to("cuda"), autocast=None if precision == "as-stored" else precision)
+    assert on_gpu.runtime()["device"].startswith("cuda")
+    np.testing.assert_allclose(on_gpu.logits(features), expected, atol=0.1 if on_gpu.autocast else 1e-3, rtol=0)
 
 
 # ORT sets denormals-as-zero on the calling thread for the first session of a process only, so each setting

@@ -42,11 +42,12 @@ MEASURE = [
 ]
 
 
-def converse(command: list[str], artifact_dir: Path, evalset, scratch: Path, requests: list[dict]) -> list[dict]:
+def converse(command: list[str], artifact_dir: Path, evalset, scratch: Path, requests: list[dict],
+             target: str = "torch") -> list[dict]:
     """Sends a load and `requests` down the worker's stdin at once, then the end of input; returns its replies."""
     evalset.save(scratch / "evalset.npz")
     load = {"op": "load", "artifact_dir": str(artifact_dir), "evalset": str(scratch / "evalset.npz"), "threads": 1,
-            "batch_size": 2, "seq_len": 16, "real_length_samples": 2}
+            "batch_size": 2, "seq_len": 16, "real_length_samples": 2, "target": target}
     stdin = "".join(json.dumps(request) + "\n" for request in [load, *requests])
     done = subprocess.run(command, input=stdin, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
@@ -73,7 +74,8 @@ def test_torch_worker_answers_every_request(torch_replies, classification_evalse
     load, *measurements = torch_replies
     assert load["runtime"]["name"] == "torch"
     assert load["runtime"]["threads"] == 1
-    assert set(load["runtime"]) == {"name", "version", "threads", "interop_threads"}
+    assert set(load["runtime"]) == {"name", "version", "device", "device_name", "autocast", "threads",
+                                    "interop_threads"}
     metric = check_measurements(measurements, "accuracy")
     assert metric["rows"]["correct"] == [int(c) for c in np.asarray(metric["rows"]["correct"])]
     assert len(metric["rows"]["correct"]) == len(classification_evalset)
@@ -88,6 +90,21 @@ def test_onnx_worker_stays_free_of_torch_and_agrees(torch_replies, bert_onnx_art
                                "inter_op_threads": 1, "denormal_as_zero": True}
     metric = check_measurements(measurements, "accuracy")
     assert metric["rows"] == torch_replies[-1]["rows"]
+
+
+def test_an_openvino_worker_measures_without_torch(torch_replies, bert_onnx_artifact, classification_evalset,
+                                                  tmp_path):
+    load, *measurements = converse(NO_TORCH_WORKER, bert_onnx_artifact, classification_evalset, tmp_path, MEASURE,
+                                   target="openvino")
+    assert load["runtime"]["name"] == "openvino" and load["runtime"]["precision"] == "f32"
+    assert check_measurements(measurements, "accuracy")["rows"] == torch_replies[-1]["rows"]
+
+
+def test_a_graph_the_runtime_cannot_read_is_a_reply_naming_the_ops(bert_int8_fused_artifact, classification_evalset,
+                                                                   tmp_path):
+    (load,) = converse(WORKER, bert_int8_fused_artifact, classification_evalset, tmp_path, [], target="openvino")
+    assert load == {"error": "No conversion rule found for operations: com.microsoft.QAttention, "
+                             "com.microsoft.QEmbedLayerNormalization"}
 
 
 def test_onnx_lm_worker_reports_the_torch_perplexity_per_window(tiny_causal_lm, llama_onnx_dirs, lm_evalset,
