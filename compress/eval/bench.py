@@ -6,6 +6,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -95,6 +96,7 @@ def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, basel
         raise BenchError(f"the baseline {baseline!r} cannot run here: {not_run[baseline]}")
     rows = [_not_run_row(variant, not_run[variant.name]) if variant.name in not_run
             else _row(variant, measured, baseline, generation, cfg, not_run) for variant in variants]
+    _add_rooflines(variants, rows, evalset.real_token_inputs(cfg.batch_size, cfg.seq_len), cfg.threads)
     if not quiet:
         for row in rows:
             tqdm.write(_summary_line(row), file=sys.stderr)
@@ -207,6 +209,50 @@ def _row(variant: Variant, measured: dict[str, dict], baseline: str, generation:
         "peak_rss_mb": own["peak_rss_mb"],
         **(_generation(own) if generation else {}),
     }
+
+
+def _add_rooflines(variants: list[Variant], rows: list[dict], features: dict[str, np.ndarray],
+                   threads: int) -> None:
+    """Each measured row's place on the roofline of the device it ran on: FLOPs and bytes of one fixed-length
+    forward pass (counted once per artifact) against the peak of the unit its precision computes on."""
+    from compress.eval import roofline
+
+    costs: dict[Path, roofline.Cost] = {}
+    cpu = {"ghz": roofline.cpu_ghz(), "bandwidth": roofline.copy_bandwidth(), "isa": machine_info()["isa"]}
+    for variant, row in zip(variants, rows, strict=True):
+        if "not_run" in row:
+            continue
+        if variant.artifact_dir not in costs:
+            costs[variant.artifact_dir] = _cost(variant, features)
+        row["roofline"] = _roofline(costs[variant.artifact_dir], variant, row, threads, cpu)
+
+
+def _cost(variant: Variant, features: dict[str, np.ndarray]) -> Any:
+    from compress.artifact import GRAPH, Artifact
+    from compress.eval import roofline
+
+    if variant.format == "onnx":
+        return roofline.onnx_cost(Path(variant.artifact_dir) / GRAPH, features)
+    return roofline.torch_cost(Artifact.load(variant.artifact_dir).model, features)
+
+
+def _roofline(cost: Any, variant: Variant, row: dict, threads: int, cpu: dict) -> dict | None:
+    from compress.eval import roofline
+
+    target = variant.runs_on
+    compute = target.computes(variant.precision)
+    if target.device == "cuda":
+        peak = roofline.gpu_peak(row["runtime"].get("device_name") or "", compute)
+        if peak is None:
+            return None  # a GPU without a datasheet entry: no roofline rather than a made-up one
+        peak_flops, bandwidth, label = peak
+    elif cpu["ghz"] is None:
+        return None
+    else:
+        peak_flops, label = roofline.cpu_peak(cpu["isa"], compute, threads, cpu["ghz"])
+        bandwidth = cpu["bandwidth"]
+    width = 2 if compute in ("bf16", "fp16") else 4
+    return roofline.roofline(cost, compute, width, row["latency_ms"]["p50"], peak_flops, bandwidth, label)
 
 
 def _not_run_row(variant: Variant, reason: str) -> dict:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from compress.eval.metrics import BOOTSTRAP_RESAMPLES
+from compress.eval.roofline import roofline_line
 from compress.rundir import atomic_write_json, atomic_write_text
 
 RESULTS = "results.json"
@@ -29,12 +30,27 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
     generation = any("ttft_ms" in row for row in results["rows"])  # a causal LM's bench
     lines += ["## Results", "", _method(results["bench"], results["baseline"], generation), ""]
     lines += _table(results["rows"], results["baseline"], generation)
+    if any(row.get("roofline") for row in results["rows"]):
+        lines += ["", *_roofline_section(results["rows"])]
     for stage, record in results.get("sparsity", {}).items():
         lines += ["", *_sparsity_section(stage, record)]
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     lines += ["", "## Library versions", "", *(f"- {name} {v}" for name, v in results["versions"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _roofline_section(rows: list[dict]) -> list[str]:
+    bandwidth = next(row["roofline"]["bandwidth"] for row in rows if row.get("roofline"))
+    lines = ["## Roofline", "",
+             ("One fixed-length forward pass per row: FLOPs of every matrix product and the bytes it must move "
+             "(each weight read once, embedding tables only the rows gathered, the products' inputs and outputs "
+             "at the compute width), against the nominal peak of the unit its precision computes on (Intel's "
+             "per-cycle figures × the threads × the clock /proc/cpuinfo reports; NVIDIA's datasheets for GPUs) "
+             f"and memory bandwidth measured by a one-thread copy ({bandwidth / 1e9:.1f} GB/s on CPU). "
+             "'x the floor' is the measured p50 over the time the slower of the two limits allows."), ""]
+    lines += [f"- {row['name']}: {roofline_line(row['roofline'])}" for row in rows if row.get("roofline")]
+    return lines
 
 
 def _sparsity_section(stage: str, record: dict) -> list[str]:

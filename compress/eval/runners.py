@@ -167,6 +167,8 @@ class GraphRunner:
         return logits[:, -1].argmax(-1), {spec.name: value for spec, value in zip(self.past, present, strict=True)}
 
     def _empty_cache(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.past:
+            return {}
         batch = len(features["input_ids"])
         return {spec.name: empty_past(spec.shape, batch).astype(spec.dtype) for spec in self.past}
 
@@ -187,10 +189,14 @@ class GraphRunner:
 
 class OrtRunner(GraphRunner):
     def __init__(self, path: Path, threads: int = 2, denormal_as_zero: bool = True,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), profile: Path | None = None) -> None:
+        """`profile`: a file prefix for ONNX Runtime's per-node profile (`session.end_profiling()` writes it)."""
         import onnxruntime as ort
 
         options = session_options(threads, denormal_as_zero)
+        if profile is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile)
         # The CPU provider last: it runs whatever a GPU provider leaves.
         chosen = list(dict.fromkeys([*providers, "CPUExecutionProvider"]))
         self.session = ort.InferenceSession(str(path), options, providers=chosen)

@@ -38,6 +38,17 @@ class Target:
             return "this CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be emulated: not a bf16 figure"
         return None
 
+    def computes(self, precision: str) -> str:
+        """What the matrix products of an artifact stored at `precision` (a `Kind.precision`) compute in here:
+        a hint lowers float weights only; ONNX integer graphs compute in int8 (MatMulNBits at ONNX Runtime's
+        accuracy level 4 too); torch's integer weight-only models multiply in float."""
+        floats = ("fp32", "bf16", "fp16")
+        if self.precision not in (AS_STORED, "fp32") and precision in floats:
+            return self.precision
+        if self.format == "onnx" and precision in ("int8", "int4"):
+            return "int8"
+        return precision if precision in floats else "fp32"
+
     def rejects(self, kind: Kind) -> str | None:
         """Why this target does not run an artifact of `kind`, or None. Graphs a runtime cannot read are found
         by loading them: the row then carries the runtime's reason."""

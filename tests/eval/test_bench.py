@@ -17,10 +17,10 @@ from compress.eval.workers import WorkerProcess
 from compress.kinds import Kind
 from compress.settings import BenchConfig
 
-ROW_KEYS = {"name", "format", "precision", "target", "parent", "runtime", "metric", "metric_delta", "metric_delta_ci95",
-            "metric_change_rel", "metric_change_rel_ci95", "latency_ms", "latency_padded_ms", "latency_real_ms",
-            "batch_size", "seq_len", "speedup_vs_baseline", "speedup_vs_parent", "size_bytes", "size_zipped_bytes",
-            "peak_rss_mb"}
+ROW_KEYS = {"name", "format", "precision", "target", "parent", "runtime", "metric", "metric_delta",
+            "metric_delta_ci95", "metric_change_rel", "metric_change_rel_ci95", "latency_ms", "latency_padded_ms",
+            "latency_real_ms", "batch_size", "seq_len", "speedup_vs_baseline", "speedup_vs_parent", "size_bytes",
+            "size_zipped_bytes", "roofline", "peak_rss_mb"}
 LATENCY_KEYS = {"p50", "p90", "mean", "rounds", "spread"}
 CONFIG = BenchConfig(batch_size=2, seq_len=16, threads=1, warmup=1, runs=10, rounds=3, real_length_samples=2)
 NAMES = ["fp32-torch", "fp32-onnx", "copy-onnx"]
@@ -253,6 +253,20 @@ def test_a_graph_a_runtime_cannot_load_is_a_row_with_the_reason_and_never_timed(
     assert "openvino CPU, f32, 1 thread" in report
 
 
+def test_each_row_sits_on_the_roofline_of_the_unit_its_precision_computes_on(targets_bench, tmp_path):
+    rows = {row["name"]: row for row in targets_bench["results"]["rows"]}
+    lines = {name: row["roofline"] for name, row in rows.items() if "not_run" not in row}
+    assert lines["00-torch"]["flops"] == lines["01-onnx"]["flops"] == lines["01-onnx@openvino"]["flops"] > 0
+    assert lines["02-int8"]["flops"] == lines["01-onnx"]["flops"]  # int8 does the same products, in fewer bytes
+    assert lines["02-int8"]["bytes"] < lines["01-onnx"]["bytes"]
+    assert [lines[name]["compute"] for name in ("00-torch", "01-onnx", "02-int8")] == ["fp32", "fp32", "int8"]
+    for line in lines.values():
+        floor = max(line["flops"] / line["peak_flops"], line["bytes"] / line["bandwidth"]) * 1000
+        assert line["floor_ms"] == pytest.approx(floor) and line["x_floor"] > 1
+    write_results(targets_bench["results"], tmp_path)
+    assert "- 02-int8: " in (tmp_path / "report.md").read_text().split("## Roofline")[1]
+
+
 def test_a_target_this_machine_lacks_is_a_row_that_says_so(bert_torch_artifact, bert_onnx_artifact,
                                                            classification_evalset, monkeypatch):
     monkeypatch.setattr(Target, "unavailable", lambda self: "no CUDA device" if self.device == "cuda" else None)
@@ -272,3 +286,12 @@ def test_a_precision_hint_applies_to_float_weights_only():
         "a bf16 hint applies to float weights; these are fake-quant")
     assert TARGETS["torch-bf16"].rejects(Kind()) is None
     assert TARGETS["openvino"].rejects(Kind()) == "runs onnx artifacts, not torch"
+
+
+@pytest.mark.parametrize(("target", "stored", "computes"), [
+    ("onnxruntime", "fp32", "fp32"), ("onnxruntime", "int4", "int8"), ("openvino", "int8", "int8"),
+    ("openvino-bf16", "fp32", "bf16"), ("openvino-bf16", "int8", "int8"), ("torch", "int8", "fp32"),
+    ("torch-bf16", "fp32", "bf16"), ("torch-cuda-fp16", "fp32", "fp16"), ("onnxruntime", "fp16", "fp16"),
+])
+def test_a_hint_lowers_float_products_and_integer_graphs_compute_in_int8(target, stored, computes):
+    assert TARGETS[target].computes(stored) == computes
