@@ -269,10 +269,24 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"  source: {manifest['source']}")
         for name, digest in manifest["files"].items():
             print(f"  {name:<18} {(directory / name).stat().st_size / 1e6:9.2f} MB  sha256 {digest[:16]}…")
+        if found.kind.format == "onnx":
+            print("  " + _loads_on(directory))
         for entry in manifest["history"]:
             effect = ", ".join(f"{k}={_brief(v)}" for k, v in entry["effect"].items() if _brief(v))
             print(f"  {entry.get('stage', entry['kind'])}: {effect}")
     return 0
+
+
+def _loads_on(directory: Path) -> str:
+    """Which runtimes load the graph, found by loading it in each: 'loads on: onnxruntime; not on: openvino (...)'."""
+    from compress.artifact import GRAPH
+    from compress.eval.runners import loads_on
+
+    verdicts = loads_on(directory / GRAPH)
+    loads = [name for name, reason in verdicts.items() if reason is None]
+    refused = [f"{name} ({reason})" for name, reason in verdicts.items() if reason is not None]
+    return "; ".join(filter(None, [f"loads on: {', '.join(loads)}" if loads else "loads on no installed runtime",
+                                   f"not on: {', '.join(refused)}" if refused else ""]))
 
 
 def _brief(value: Any) -> str:

@@ -36,7 +36,9 @@ class Kind:
     weights: str = "fp32"
     per_layer_shapes: bool = False  # layers differ in heads / FFN width (structured pruning)
     sparsity: str | None = None
-    runtime: str = "portable"  # ONNX only: which runtimes can load the graph
+    # ONNX only: "onnxruntime" when the graph holds ONNX Runtime contrib ops (com.microsoft). Other runtimes read
+    # some of those and not others: `compress inspect` loads the graph in each to say which.
+    runtime: str = "portable"
     external_data: bool = False  # ONNX only: weights in a side file (graphs over 2 GB)
 
     def __post_init__(self) -> None:
@@ -61,10 +63,10 @@ class Kind:
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
-        """E.g. 'torch fp32', 'ONNX int8 (integer ops) for ONNX Runtime only, sparse (zeros)'."""
+        """E.g. 'torch fp32', 'ONNX int8 (integer ops) with ONNX Runtime contrib ops, sparse (zeros)'."""
         parts = ["ONNX" if self.format == "onnx" else "torch", DESCRIPTION.get(self.weights, self.weights)]
         if self.format == "onnx" and self.runtime == "onnxruntime":
-            parts.append("for ONNX Runtime only")
+            parts.append("with ONNX Runtime contrib ops")
         if self.per_layer_shapes:
             parts.append("with per-layer shapes")
         if self.sparsity:

@@ -110,6 +110,25 @@ def tiny_causal_lm(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
+@pytest.fixture(scope="session")
+def bert_int8_fused_artifact(tiny_classifier, tmp_path_factory) -> Path:
+    """Dynamic int8 of the ONNX Runtime-fused graph: QAttention and QEmbedLayerNormalization, which ONNX Runtime
+    runs and OpenVINO has no conversion rule for."""
+    from compress.artifact import Artifact
+    from compress.export.onnx import export_onnx, fuse_for_onnxruntime
+    from compress.export.quantize import quantize_dynamic_int8
+    from compress.kinds import Kind
+
+    model, tokenizer = tiny_classifier
+    scratch = tmp_path_factory.mktemp("bert-fused")
+    graph = export_onnx(model, "sequence-classification", scratch / "fused.onnx", opset=17)
+    fuse_for_onnxruntime(graph, model.config)
+    quantize_dynamic_int8(graph, scratch / "model.onnx", per_channel=False, reduce_range=False)
+    return Artifact("sequence-classification", model.config, tokenizer, onnx_path=scratch / "model.onnx",
+                    kind=Kind("onnx", "int8-dynamic", runtime="onnxruntime"),
+                    source="tiny").save(tmp_path_factory.mktemp("bert-int8-fused"))
+
+
 def _tokenized(tokenizer) -> dict[str, np.ndarray]:
     """Right-padded int64 features of SENTENCES."""
     return {k: v.astype(np.int64) for k, v in tokenizer(SENTENCES, padding=True, return_tensors="np").items()}

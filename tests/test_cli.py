@@ -112,6 +112,7 @@ def test_run_inspect_and_bench(tmp_path, recipe, capsys, sentiment_files):
     shown = capsys.readouterr().out
     assert "01-export  [sequence-classification, ONNX fp32]" in shown
     assert "model.onnx" in shown and "max_abs_diff=" in shown
+    assert "  loads on: onnxruntime, openvino\n" in shown
     bench_out = tmp_path / "bench"
     assert main(["-q", "bench", str(out / "01-export"), "--data", str(sentiment_files["dev"]), "--text", "sentence",
                  "--runs", "10", "--out", str(bench_out)]) == 0
@@ -123,6 +124,26 @@ def test_run_inspect_and_bench(tmp_path, recipe, capsys, sentiment_files):
     results = json.loads((tmp_path / "bench-run" / "results.json").read_text())
     assert results["baseline"] == "00-finetune"
     assert [(row["name"], row["format"]) for row in results["rows"]] == [("00-finetune", "torch"), ("01-export", "onnx")]
+    assert main(["-q", "bench", str(out / "01-export"), "--data", str(sentiment_files["dev"]), "--text", "sentence",
+                 "--runs", "10", "--runtime", "openvino", "--out", str(tmp_path / "bench-ov")]) == 0
+    results = json.loads((tmp_path / "bench-ov" / "results.json").read_text())
+    assert [(row["name"], row["runtime"]["name"]) for row in results["rows"]] == [("01-export", "openvino")]
+
+
+def test_inspect_names_the_runtimes_that_cannot_load_a_graph(bert_int8_fused_artifact, capsys):
+    assert main(["inspect", str(bert_int8_fused_artifact)]) == 0
+    assert ("  loads on: onnxruntime; not on: openvino (No conversion rule found for operations: "
+            "com.microsoft.QAttention, com.microsoft.QEmbedLayerNormalization)") in capsys.readouterr().out
+
+
+def test_a_runtime_not_installed_is_refused_with_the_pip_command(tmp_path, recipe, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a))
+    assert main(["validate", recipe(bench={"runtimes": ["onnxruntime", "openvino"]})]) == 2
+    assert ("bench.runtimes: openvino needs the openvino package, which is not installed: pip install "
+            "openvino==2026.4.1") in capsys.readouterr().err
 
 
 def test_altered_graph_fails_export_with_exit_3_and_leaves_nothing(tmp_path, tiny_bert_dir, capsys, monkeypatch):

@@ -50,7 +50,7 @@ def test_a_chain_gets_names_inputs_and_kinds():
                                                   ("01-export", "00-finetune"), ("02-ort-fuse", "01-export"),
                                                   ("03-ptq", "02-ort-fuse")]
     assert [s.kind.describe() for s in stages[2:]] == [
-        "ONNX fp32", "ONNX fp32 for ONNX Runtime only", "ONNX int8 (integer ops) for ONNX Runtime only"]
+        "ONNX fp32", "ONNX fp32 with ONNX Runtime contrib ops", "ONNX int8 (integer ops) with ONNX Runtime contrib ops"]
 
 
 def test_branches_hold_side_by_side_variants_of_one_model():

@@ -87,7 +87,7 @@ def test_wrong_types_and_ranges_name_the_field(tmp_path, override, expected):
         ("[{kind: export}, {kind: ptq}, {kind: ort-fuse}]",
          "steps[2] (ort-fuse) would receive ONNX int8 (integer ops) from 01-ptq: fuse the float graph"),
         ("[{kind: export}, {kind: ort-fuse}, {kind: ort-fuse, from: '@00-export'}, {kind: ort-fuse}]",
-         ("steps[3] (ort-fuse) would receive ONNX fp32 for ONNX Runtime only from 02-ort-fuse: the graph is "
+         ("steps[3] (ort-fuse) would receive ONNX fp32 with ONNX Runtime contrib ops from 02-ort-fuse: the graph is "
          "already rewritten into ONNX Runtime ops")),
         ("[{kind: export, from: '@01-ptq'}]", "steps[0] (export).from: '@01-ptq' names no earlier stage (earlier: base)"),
         ("[{kind: export, from: 'base'}]", "steps[0].from: String should match pattern"),

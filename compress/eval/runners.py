@@ -8,6 +8,7 @@ so its peak memory and start-up reflect what deploying the graph costs.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -297,6 +298,33 @@ def greedy_tokens(runner: Runner, input_ids: np.ndarray, new_tokens: int) -> Ite
     for _ in range(new_tokens - 1):
         tokens, cache = runner.decode(tokens, cache)
         yield tokens
+
+
+def load_failure(err: Exception) -> str:
+    """One line out of a runtime's multi-line error: OpenVINO's list of ops it has no conversion rule for, or
+    the last line that says something."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("-- "):
+            return line.removeprefix("-- ")
+    meaningful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return (meaningful or [type(err).__name__])[-1]
+
+
+def loads_on(graph: Path) -> dict[str, str | None]:
+    """Each CPU runtime for ONNX graphs: None when it loads `graph`, else why not (or that it is missing)."""
+    runners = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}
+    verdicts: dict[str, str | None] = {}
+    for name, runner in runners.items():
+        if importlib.util.find_spec(name) is None:
+            verdicts[name] = "not installed"
+            continue
+        try:
+            runner(graph, threads=1)
+            verdicts[name] = None
+        except Exception as err:  # noqa: BLE001  (whatever the runtime says is the answer)
+            verdicts[name] = load_failure(err)
+    return verdicts
 
 
 def load_runner(artifact_dir: Path, threads: int, target: Target = TARGETS["torch"]) -> Runner:

@@ -30,7 +30,7 @@ from typing import TextIO
 from compress.errors import CompressError
 from compress.eval.latency import time_generation, time_runs
 from compress.eval.metrics import evaluate
-from compress.eval.runners import Runner, load_runner
+from compress.eval.runners import Runner, load_failure, load_runner
 from compress.eval.targets import TARGETS
 from compress.evalset import EvalSet
 
@@ -86,17 +86,6 @@ class Worker:
     def metric(self, batch_size: int) -> dict:
         result = evaluate(self.runner, self.evalset, batch_size=batch_size, progress=False)
         return {"name": result.name, "value": result.value, "rows": {k: v.tolist() for k, v in result.rows.items()}}
-
-
-def load_failure(err: Exception) -> str:
-    """One line out of a runtime's multi-line error: OpenVINO's list of ops it has no conversion rule for, or
-    the last line that says something."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("-- "):
-            return line.removeprefix("-- ")
-    meaningful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
-    return (meaningful or [type(err).__name__])[-1]
 
 
 def serve(requests: TextIO, replies: TextIO) -> None:

@@ -40,23 +40,6 @@ def bert_onnx_artifact(tiny_classifier, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bert_int8_fused_artifact(tiny_classifier, tmp_path_factory) -> Path:
-    """Dynamic int8 of the ONNX Runtime-fused graph: QAttention and QEmbedLayerNormalization, which ONNX Runtime
-    runs and OpenVINO has no conversion rule for."""
-    from compress.export.onnx import export_onnx, fuse_for_onnxruntime
-    from compress.export.quantize import quantize_dynamic_int8
-
-    model, tokenizer = tiny_classifier
-    scratch = tmp_path_factory.mktemp("bert-fused")
-    graph = export_onnx(model, "sequence-classification", scratch / "fused.onnx", opset=17)
-    fuse_for_onnxruntime(graph, model.config)
-    quantize_dynamic_int8(graph, scratch / "model.onnx", per_channel=False, reduce_range=False)
-    return Artifact("sequence-classification", model.config, tokenizer, onnx_path=scratch / "model.onnx",
-                    kind=Kind("onnx", "int8-dynamic", runtime="onnxruntime"),
-                    source="tiny").save(tmp_path_factory.mktemp("bert-int8-fused"))
-
-
-@pytest.fixture(scope="session")
 def llama_onnx_dirs(tiny_causal_lm, tmp_path_factory) -> dict[str, Path]:
     """Graphs exported by optimum without and with past key/value inputs."""
     from optimum.exporters.onnx import onnx_export_from_model
