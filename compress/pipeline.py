@@ -322,6 +322,10 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
                      "made from it; compare their latency and their metric deltas.")
     if recipe.model == "smollm2-135m":
         notes.append(GGUF_NOTE)
+    hinted = [v.name for v in variants if v.not_run is None and v.runs_on.computes(v.precision) != v.precision
+              and v.runs_on.computes(v.precision) in ("bf16", "fp16")]
+    if hinted:
+        notes.append(precision_hint_note(hinted))
     half = [s.name for s in stages if s.kind.format == "onnx" and s.kind.weights in ("fp16", "bf16")]
     if half:
         notes.append(half_precision_note(half))
@@ -356,6 +360,14 @@ def _sparsity_record(directory: Path) -> dict[str, Any] | None:
         return None
     return {"achieved": effect["achieved_sparsity"], "target": effect["target_sparsity"],
             "layers": {name: layer["sparsity"] for name, layer in effect["layers"].items()}}
+
+
+def precision_hint_note(names: list[str]) -> str:
+    """Rows the runtime computed in a lower precision than the artifact holds: their metric is that hint's."""
+    return (f"{', '.join(names)}: the runtime was told to compute the float matrix products in bf16/fp16 (OpenVINO's "
+            "inference precision hint, torch autocast); the artifact is unchanged and the metric shown is the one "
+            "measured under the hint. ONNX Runtime's CPU provider has no bf16 matrix kernels, so bf16 is offered "
+            "as a runtime hint, never as a bf16 graph for it.")
 
 
 def half_precision_note(names: list[str]) -> str:

@@ -12,6 +12,7 @@ import yaml
 
 from compress import pipeline
 from compress.errors import DataError, OutDirError, RecipeError
+from compress.eval.targets import TARGETS
 from compress.pipeline import run_pipeline
 from compress.recipe_loader import load_recipe
 from compress.rundir import RunLock
@@ -154,6 +155,27 @@ def test_branches_make_side_by_side_variants(tmp_path, recipe_file):
     assert "freshly initialised task head" in (out / "report.md").read_text()
     assert (rows["01-ptq"]["parent"], rows["03-ptq"]["parent"], rows["02-ort-fuse"]["parent"]) == (
         "00-export", "02-ort-fuse", "00-export")
+
+
+def test_bench_runtimes_put_each_stage_on_each_runtime_side_by_side(tmp_path, recipe_file):
+    steps = [{"kind": "export"}, {"kind": "ort-fuse"}, LENIENT_PTQ, {**LENIENT_PTQ, "name": "portable", "from": "@00-export"}]
+    path = recipe_file(steps, bench=True)
+    recipe = load_recipe(path, ["bench.runtimes=[torch, onnxruntime, openvino-bf16]"])
+    out = tmp_path / "run"
+    rows = {row["name"]: row for row in run_pipeline(recipe, out, quiet=True)["results"]["rows"]}
+    assert list(rows) == ["base", "00-export", "00-export@openvino-bf16", "01-ort-fuse", "01-ort-fuse@openvino-bf16",
+                          "02-ptq", "02-ptq@openvino-bf16", "03-portable", "03-portable@openvino-bf16"]
+    report = (out / "report.md").read_text()
+    assert "## Roofline" in report
+    lacking = TARGETS["openvino-bf16"].unavailable()
+    if lacking:  # an AVX2 machine: every bf16 row says why it did not run
+        assert {row["not_run"] for name, row in rows.items() if "@" in name} == {lacking}
+        return
+    assert rows["02-ptq@openvino-bf16"]["not_run"].startswith("No conversion rule found for operations:")
+    assert rows["03-portable@openvino-bf16"]["parent"] == "00-export@openvino-bf16"
+    assert rows["03-portable@openvino-bf16"]["runtime"]["name"] == "openvino"
+    assert ("00-export@openvino-bf16, 01-ort-fuse@openvino-bf16: the runtime was told to compute the float matrix "
+            "products in bf16/fp16") in report
 
 
 def test_the_baseline_is_exported_when_the_recipe_exports_something_else(tmp_path, recipe_file):
