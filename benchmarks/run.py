@@ -2,6 +2,7 @@
 
     python benchmarks/run.py export       # ONNX fp32 (ours) vs optimum export + ORTOptimizer O2 vs PyTorch fp32
     python benchmarks/run.py quickstart   # wall time and rows of `make demo`'s pipeline
+    python benchmarks/run.py runtimes     # the quickstart + QAT on PyTorch, ONNX Runtime, OpenVINO (reuses the quickstart run)
     python benchmarks/run.py llm          # the decoder quickstart
     python benchmarks/run.py llm-wikitext # the same on WikiText-2 test (needs ../shared/data)
     python benchmarks/run.py distill      # MiniLM-L6 teacher -> 3-layer student -> ONNX int8 (pipelines/distill-L3.yaml)
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from prune import prune_summary  # benchmarks/prune.py, beside this script
 from quant import encoder_quant  # benchmarks/quant.py, beside this script
+from runtimes import runtimes_summary  # benchmarks/runtimes.py
 from sparsity import decoder_summary, encoder_summary, gpu_section  # benchmarks/sparsity.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +107,18 @@ def pipeline(recipe: str, name: str, title: str, notes: list[str], overrides: tu
               "benchmark and start-up)." if fresh else
               f"Stages reused where their inputs matched; seconds each took when made: {stages}.")
     return _section(title, f"python benchmarks/run.py {name}   # = {shown}", results, [timing, *notes])
+
+
+def runtimes() -> str:
+    """The quickstart's stages plus a QAT branch on every runtime. A finished quickstart run is copied in first,
+    so its stages are reused rather than trained again."""
+    out, quickstart = ROOT / "runs" / "bench-runtimes", ROOT / "runs" / "bench-quickstart"
+    if not out.exists() and (quickstart / "manifest.json").is_file():
+        shutil.copytree(quickstart, out)
+    text = pipeline("benchmarks/recipes/runtimes.yaml", "runtimes",
+                    "Runtimes: the quickstart model on PyTorch, ONNX Runtime and OpenVINO, every precision side by side",
+                    [], fresh=False)
+    return with_notes(text, runtimes_summary(out))
 
 
 def with_notes(text: str, notes: list[str]) -> str:
@@ -299,6 +313,7 @@ def main(which: str) -> None:
         "export": lambda w: export_vs_optimum(w),
         "quickstart": lambda w: pipeline("pipelines/quickstart.yaml", "quickstart", "Encoder quickstart (make demo)",
                                          []),
+        "runtimes": lambda w: runtimes(),
         "llm": lambda w: pipeline("pipelines/llm-quickstart.yaml", "llm", "Decoder quickstart (SmolLM2-135M)",
                                   [GGUF_NOTE]),
         "llm-wikitext": lambda w: pipeline(

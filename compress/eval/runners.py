@@ -253,7 +253,8 @@ class OpenVinoRunner(GraphRunner):
         return {"name": "openvino", "version": ov.__version__, "device": "CPU",
                 "precision": get("INFERENCE_PRECISION_HINT").to_string(),
                 "threads": int(get("INFERENCE_NUM_THREADS")), "streams": int(get("NUM_STREAMS")),
-                "performance_hint": str(get("PERFORMANCE_HINT"))}
+                "performance_hint": str(get("PERFORMANCE_HINT")),
+                "denormals_as_zero": bool(get("CPU_DENORMALS_OPTIMIZATION"))}
 
 
 def _ov_shape(port: Any) -> list[int | None]:

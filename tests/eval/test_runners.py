@@ -150,7 +150,7 @@ def test_openvino_reports_what_it_applied_not_what_was_asked(bert_onnx_artifact)
 
     runtime = OpenVinoRunner(bert_onnx_artifact / "model.onnx", threads=1, precision="fp32").runtime()
     assert runtime == {"name": "openvino", "version": ov.__version__, "device": "CPU", "precision": "f32",
-                       "threads": 1, "streams": 1, "performance_hint": "LATENCY"}
+                       "threads": 1, "streams": 1, "performance_hint": "LATENCY", "denormals_as_zero": True}
 
 
 def test_openvino_f32_matches_onnx_runtime_on_a_classifier(bert_onnx_artifact, classification_evalset):
