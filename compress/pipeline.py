@@ -322,7 +322,7 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
                      "made from it; compare their latency and their metric deltas.")
     if recipe.model == "smollm2-135m":
         notes.append(GGUF_NOTE)
-    hinted = [v.name for v in variants if v.not_run is None and v.runs_on.computes(v.precision) != v.precision
+    hinted = [v.name for v in variants if v.not_run is None and v.precision not in ("bf16", "fp16")
               and v.runs_on.computes(v.precision) in ("bf16", "fp16")]
     if hinted:
         notes.append(precision_hint_note(hinted))

@@ -58,7 +58,7 @@ class BenchStage:
 def on_targets(stages: list[BenchStage], targets: list[Target]) -> list[Variant]:
     """Every stage on each listed target that runs its format (its format's default when none does). The first
     such target keeps the stage's name, the others add theirs: `01-export@openvino-bf16`. A variant's parent is
-    its stage's parent on the same target."""
+    its stage's parent on the same target (a row that cannot run is nobody's parent: see `_row`)."""
     variants = []
     for stage in stages:
         for index, target in enumerate(targets_for(stage.kind.format, targets)):
@@ -68,10 +68,6 @@ def on_targets(stages: list[BenchStage], targets: list[Target]) -> list[Variant]
             variants.append(Variant(named(stage.name), stage.directory, stage.kind.format, stage.kind.precision,
                                     None if stage.parent is None else named(stage.parent), target.name,
                                     target.rejects(stage.kind) or target.unavailable()))
-    runnable = {variant.name for variant in variants if variant.not_run is None}
-    for variant in variants:
-        if variant.parent not in runnable:
-            variant.parent = None
     return variants
 
 
