@@ -1,4 +1,6 @@
-"""`compress run | validate | export | bench | inspect`. Exit codes: 0 ok, 1 internal, 2 bad input, 3 verification."""
+"""`compress run | validate | export | bench | inspect | gate | diff`.
+
+Exit codes: 0 ok, 1 internal, 2 bad input, 3 verification failed (or `diff` found a divergence), 4 `gate` failed."""
 
 from __future__ import annotations
 
@@ -99,6 +101,29 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="history, sizes and hashes of an artifact or a run")
     inspect.add_argument("path", type=Path)
     inspect.set_defaults(handler=_inspect)
+
+    gate = sub.add_parser("gate", help="exit 4 when a candidate's results lose more than allowed vs a baseline's")
+    gate.add_argument("--baseline", type=Path, required=True, help="results.json of the reference run")
+    gate.add_argument("--candidate", type=Path, required=True, help="results.json of the run to judge")
+    gate.add_argument("--max-drop", type=float, default=0.5,
+                      help="accuracy points (perplexity: percent rise) a row may lose beyond noise (default 0.5)")
+    gate.add_argument("--max-slowdown", type=float, default=1.05,
+                      help="p50 ratio a row may slow down beyond the rounds' spread (default 1.05)")
+    gate.add_argument("--row", dest="rows", action="append", default=[], metavar="NAME",
+                      help="judge only these rows (repeatable; default: every row both measured)")
+    gate.add_argument("--allow-other-data", action="store_true", help="compare runs on different eval data")
+    gate.add_argument("--allow-other-machine", action="store_true",
+                      help="compare runs from different machines or thread counts")
+    gate.set_defaults(handler=_gate)
+
+    diff = sub.add_parser("diff", help="the first module where an ONNX graph leaves its torch model")
+    diff.add_argument("torch_artifact", type=Path, help="artifact directory holding the torch model")
+    diff.add_argument("onnx_artifact", type=Path, help="artifact directory holding its exported graph")
+    diff.add_argument("--data", type=Path, help="text file/table whose rows are the inputs (default: built-in)")
+    diff.add_argument("--text", default="text", help="text column of --data")
+    diff.add_argument("--atol", type=float, default=1e-4)
+    diff.add_argument("--rtol", type=float, default=1e-3)
+    diff.set_defaults(handler=_diff)
     return parser
 
 
@@ -287,6 +312,45 @@ def _loads_on(directory: Path) -> str:
     refused = [f"{name} ({reason})" for name, reason in verdicts.items() if reason is not None]
     return "; ".join(filter(None, [f"loads on: {', '.join(loads)}" if loads else "loads on no installed runtime",
                                    f"not on: {', '.join(refused)}" if refused else ""]))
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from compress.errors import GateFailed
+    from compress.eval.gate import gate, read_results, render
+
+    checks = gate(read_results(args.baseline), read_results(args.candidate), args.max_drop, args.max_slowdown,
+                  args.rows, other_data=args.allow_other_data, other_machine=args.allow_other_machine)
+    text = render(checks, args.max_drop, args.max_slowdown)
+    if any(check.failed for check in checks):
+        raise GateFailed(text)
+    print(text)
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from compress.artifact import GRAPH, Artifact
+    from compress.data import read_table
+    from compress.errors import ExportMismatch
+    from compress.eval.divergence import first_divergence
+    from compress.recipe import DataSource
+    from compress.settings import FloatTolerance
+
+    tolerance = _settings(FloatTolerance, {"atol": "--atol", "rtol": "--rtol"}, atol=args.atol, rtol=args.rtol)
+    reference, graph = Artifact.load(args.torch_artifact), Artifact.load(args.onnx_artifact)
+    if reference.format != "torch" or graph.format != "onnx":
+        raise ArtifactError(f"diff compares a torch artifact with an ONNX one; got {reference.kind.describe()} and "
+                            f"{graph.kind.describe()}")
+    texts = VERIFY_SENTENCES
+    if args.data:
+        texts = read_table(DataSource(path=str(args.data), text=args.text), "--data",
+                           not is_text_stream(reference.task), labelled=False)["text"]
+    features = dict(reference.tokenizer(list(texts), padding=True, truncation=True, max_length=128,
+                                        return_tensors="np"))
+    found = first_divergence(reference.model, args.onnx_artifact / GRAPH, features, tolerance)
+    if found is not None:
+        raise ExportMismatch(found.describe())
+    print(f"no divergence: every module compared is within atol {tolerance.atol:g}, rtol {tolerance.rtol:g}")
+    return 0
 
 
 def _brief(value: Any) -> str:

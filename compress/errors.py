@@ -1,6 +1,7 @@
 """Every failure a user can cause has a type here, and every type knows its exit code.
 
-Exit codes: 0 ok, 1 internal error (anything not listed here), 2 bad input, 3 verification failed.
+Exit codes: 0 ok, 1 internal error (anything not listed here), 2 bad input, 3 verification failed, 4 a regression
+gate failed (`compress gate`).
 """
 
 
@@ -65,3 +66,13 @@ class NothingToDo(BadInput):
 
 class UsageError(BadInput):
     """A command-line flag has a value its setting does not accept. The message names the flag."""
+
+
+class GateRefused(BadInput):
+    """`compress gate` cannot compare the two results: unreadable, or measured on other data or machines."""
+
+
+class GateFailed(CompressError):
+    """`compress gate`: the candidate lost more than allowed, beyond what noise explains."""
+
+    exit_code = 4

@@ -5,6 +5,7 @@ Kept free of torch and transformers so an ONNX Runtime bench worker can load it 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,15 @@ class EvalSet:
         """Up to `n` single rows at their own (unpadded) length."""
         lengths = self.lengths
         return [{k: v[i : i + 1, : lengths[i]] for k, v in self.features.items()} for i in range(min(n, len(self)))]
+
+    def fingerprint(self) -> str:
+        """sha256 of the arrays every metric is computed from: equal only for the same rows, tokenized alike."""
+        digest = hashlib.sha256(self.task.encode())
+        arrays = {**self.features, "labels": self.labels, "target_mask": self.target_mask}
+        for name, array in sorted(arrays.items()):
+            if array is not None:
+                digest.update(name.encode() + str(array.shape).encode() + np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
     def save(self, path: Path) -> None:
         arrays = {f"feature.{k}": v for k, v in self.features.items()}

@@ -314,7 +314,7 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
 
     evals = runner.eval_set(AutoTokenizer.from_pretrained(stages[-1].directory))  # not the whole model
     results = run_bench(variants, evals, recipe.bench, reference, quiet=quiet)
-    results["data"] = {"eval_rows": len(evals), **evals.meta, **data.notes}
+    results["data"] |= {**evals.meta, **data.notes}
     notes = [(f"Baseline: {reference} (the uncompressed model); 'From' is the row each one was made from on the "
               "same runtime.")]
     if runner.new_head and BASE in names:

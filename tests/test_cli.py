@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,49 @@ def test_run_inspect_and_bench(tmp_path, recipe, capsys, sentiment_files):
     assert [(row["name"], row["runtime"]["name"]) for row in results["rows"]] == [("01-export", "openvino")]
 
 
+def test_gate_passes_an_equal_run_and_fails_a_worse_one_with_exit_4(tmp_path, recipe, capsys, sentiment_files):
+    out = tmp_path / "run"
+    assert main(["-q", "run", recipe(bench={"enabled": False}), "--out", str(out)]) == 0
+    bench = ["-q", "bench", str(out / "01-export"), "--data", str(sentiment_files["dev"]), "--text", "sentence",
+             "--runs", "10"]
+    assert main([*bench, "--out", str(tmp_path / "a")]) == 0
+    assert main([*bench, "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    gate = ["gate", "--baseline", str(tmp_path / "a" / "results.json"), "--max-slowdown", "3"]
+    assert main([*gate, "--candidate", str(tmp_path / "b" / "results.json")]) == 0
+    assert "gate passed: 2 checks within the limits" in capsys.readouterr().out
+    worse = json.loads((tmp_path / "b" / "results.json").read_text())
+    row = worse["rows"][0]
+    row["metric_rows"]["correct"] = [0] * len(row["metric_rows"]["correct"])  # every answer wrong
+    row["metric"]["value"] = 0.0
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    assert main([*gate, "--candidate", str(tmp_path / "worse.json")]) == 4
+    err = capsys.readouterr().err
+    assert "FAIL 01-export accuracy" in err and "gate failed: 1 of 2 checks" in err
+    assert main([*gate, "--candidate", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: cannot read" in one_error_line(capsys)
+
+
+def test_diff_names_the_first_module_a_graph_gets_wrong(tmp_path, recipe, capsys):
+    from onnx import numpy_helper
+
+    out = tmp_path / "run"
+    assert main(["-q", "run", recipe(bench={"enabled": False}), "--out", str(out)]) == 0
+    assert main(["diff", str(out / "00-finetune"), str(out / "01-export")]) == 0
+    assert "no divergence: every module compared is within atol 0.0001" in capsys.readouterr().out
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "01-export", broken)
+    proto = onnx.load(str(broken / "model.onnx"))
+    node = next(n for n in proto.graph.node if n.name == "/bert/encoder/layer.1/output/dense/MatMul")
+    weight = next(i for i in proto.graph.initializer if i.name == node.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save(proto, str(broken / "model.onnx"))
+    assert main(["diff", str(out / "00-finetune"), str(broken)]) == 3
+    assert "first divergence at module bert.encoder.layer.1.output.dense (ONNX node " in one_error_line(capsys)
+    assert main(["diff", str(out / "01-export"), str(broken)]) == 2
+    assert "diff compares a torch artifact with an ONNX one" in one_error_line(capsys)
+
+
 def test_inspect_names_the_runtimes_that_cannot_load_a_graph(bert_int8_fused_artifact, capsys):
     assert main(["inspect", str(bert_int8_fused_artifact)]) == 0
     assert ("  loads on: onnxruntime; not on: openvino (No conversion rule found for operations: "
@@ -163,7 +207,10 @@ def test_altered_graph_fails_export_with_exit_3_and_leaves_nothing(tmp_path, tin
     monkeypatch.setattr(export_pass, "export_onnx", export_then_damage)
     out = tmp_path / "exported"
     assert main(["-q", "export", str(tiny_bert_dir), "--task", "sequence-classification", "--out", str(out)]) == 3
-    assert "values differ beyond tolerance" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "values differ beyond tolerance" in line
+    damaged = re.search(r"first divergence at module (\S+) \(ONNX node (\S+)\)", line)
+    assert damaged is not None and damaged.group(2).startswith("/" + damaged.group(1).replace(".", "/") + "/")
     assert not out.exists() and not list(tmp_path.glob(".exported*"))
 
 

@@ -57,3 +57,11 @@ def test_save_and_load_round_trip(tmp_path):
     assert np.array_equal(loaded.features["input_ids"], original.features["input_ids"])
     assert np.array_equal(loaded.labels, original.labels) and loaded.target_mask is None
     assert len(loaded.take(2)) == 2
+
+
+def test_the_fingerprint_follows_the_rows_and_their_labels():
+    assert small().fingerprint() == small().fingerprint()
+    relabelled = small()
+    relabelled.labels = np.array([0, 0, 1])
+    assert relabelled.fingerprint() != small().fingerprint()
+    assert small().take(2).fingerprint() != small().fingerprint()

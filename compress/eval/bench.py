@@ -23,6 +23,7 @@ from compress.kinds import Kind
 from compress.settings import BenchConfig
 from compress.sysinfo import library_versions, machine_info
 
+RESULTS_FORMAT = "compress-results/2"  # 2: runtimes, roofline, per-row metric outcomes, the eval fingerprint
 METRIC_BATCH_SIZE = 32
 # The inputs every variant is timed on, as the worker names them, and the row column each one fills.
 LATENCY_COLUMNS = {"fixed": "latency_ms", "padded": "latency_padded_ms", "real": "latency_real_ms"}
@@ -97,7 +98,9 @@ def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, basel
         for row in rows:
             tqdm.write(_summary_line(row), file=sys.stderr)
     return {
+        "format": RESULTS_FORMAT,
         "baseline": baseline,
+        "data": {"fingerprint": evalset.fingerprint(), "eval_rows": len(evalset)},
         "machine": machine_info(),
         "versions": library_versions(),
         "bench": cfg.model_dump(),
@@ -192,6 +195,7 @@ def _row(variant: Variant, measured: dict[str, dict], baseline: str, generation:
         "parent": parent,
         "runtime": own["runtime"],
         "metric": {"name": metric["name"], "value": metric["value"]},
+        "metric_rows": metric["rows"],  # per eval row, so another run on the same rows compares paired (gate)
         "metric_delta": change.delta,
         "metric_delta_ci95": list(change.delta_ci95),
         "metric_change_rel": change.rel,

@@ -6,20 +6,26 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from compress.eval.gains import losses
+from compress.eval.html import render_html
 from compress.eval.metrics import BOOTSTRAP_RESAMPLES
 from compress.eval.roofline import roofline_line
 from compress.rundir import atomic_write_json, atomic_write_text
 
 RESULTS = "results.json"
 REPORT = "report.md"
+HTML_REPORT = "report.html"
 MIB = 1 << 20  # peak RSS is reported in MiB too, so sizes and memory compare directly
 
 
 def write_results(results: dict, out_dir: Path, notes: Iterable[str] = (), command: str | None = None) -> None:
+    """results.json, report.md, and report.html (the same report with its trade-off plots)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / RESULTS, results)
-    atomic_write_text(out_dir / REPORT, render_report(results, list(notes), command))
+    markdown = render_report(results, list(notes), command)
+    atomic_write_text(out_dir / REPORT, markdown)
+    atomic_write_text(out_dir / HTML_REPORT, render_html(results, markdown))
 
 
 def render_report(results: dict, notes: list[str], command: str | None) -> str:
@@ -30,6 +36,7 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
     generation = any("ttft_ms" in row for row in results["rows"])  # a causal LM's bench
     lines += ["## Results", "", _method(results["bench"], results["baseline"], generation), ""]
     lines += _table(results["rows"], results["baseline"], generation)
+    lines += ["", *_gains_section(results["rows"])]
     if any(row.get("roofline") for row in results["rows"]):
         lines += ["", *_roofline_section(results["rows"])]
     for stage, record in results.get("sparsity", {}).items():
@@ -38,6 +45,19 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     lines += ["", "## Library versions", "", *(f"- {name} {v}" for name, v in results["versions"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _gains_section(rows: list[dict]) -> list[str]:
+    """Each row against the row it was made from on the same runtime, flagged where it lost speed or size."""
+    if not any(row.get("parent") for row in rows):
+        return []
+    found = losses(rows)
+    lines = ["## Gains are real?", "",
+             ("Each row against the row it was made from on the same runtime ('From'), from this benchmark's own "
+             "measurements:"), ""]
+    return lines + ([f"- **{line}**" for line in found] or
+                    [("- every row is at least as fast (within the rounds' spread) and as small as the row it was "
+                     "made from.")])
 
 
 def _roofline_section(rows: list[dict]) -> list[str]:

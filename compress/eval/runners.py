@@ -146,8 +146,12 @@ class GraphRunner:
 
     def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
         """A graph with cache inputs gets an empty cache: the whole input is the prompt."""
-        (logits,) = self._run([self.output_name], self._feeds(features, self._empty_cache(features)))
+        (logits,) = self.outputs([self.output_name], features)
         return logits.astype(np.float32, copy=False)
+
+    def outputs(self, names: list[str], features: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's values called `names` (outputs it declares) for `features` as the prompt."""
+        return self._run(names, self._feeds(features, self._empty_cache(features)))
 
     @property
     def cannot_generate(self) -> str | None:

@@ -4,6 +4,7 @@ import json
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -20,7 +21,7 @@ from compress.settings import BenchConfig
 ROW_KEYS = {"name", "format", "precision", "target", "parent", "runtime", "metric", "metric_delta",
             "metric_delta_ci95", "metric_change_rel", "metric_change_rel_ci95", "latency_ms", "latency_padded_ms",
             "latency_real_ms", "batch_size", "seq_len", "speedup_vs_baseline", "speedup_vs_parent", "size_bytes",
-            "size_zipped_bytes", "roofline", "peak_rss_mb"}
+            "size_zipped_bytes", "roofline", "peak_rss_mb", "metric_rows"}
 LATENCY_KEYS = {"p50", "p90", "mean", "rounds", "spread"}
 CONFIG = BenchConfig(batch_size=2, seq_len=16, threads=1, warmup=1, runs=10, rounds=3, real_length_samples=2)
 NAMES = ["fp32-torch", "fp32-onnx", "copy-onnx"]
@@ -45,7 +46,7 @@ def recorded_bench(variants: list[Variant], evalset, config: BenchConfig) -> dic
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(WorkerProcess, "send", recording_send)
         results = run_bench(variants, evalset, config, baseline=variants[0].name, quiet=True)
-    return {"results": results, "sent": sent, "children_left": children() - before}
+    return {"results": results, "sent": sent, "children_left": children() - before, "evalset": evalset}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,9 @@ def lm_bench(llama_artifacts, lm_evalset) -> dict:
 
 def test_results_have_the_documented_shape(bench):
     results = bench["results"]
-    assert set(results) == {"baseline", "machine", "versions", "bench", "rows"}
+    assert set(results) == {"format", "baseline", "data", "machine", "versions", "bench", "rows"}
+    assert results["format"] == "compress-results/2"
+    assert results["data"] == {"fingerprint": bench["evalset"].fingerprint(), "eval_rows": len(bench["evalset"])}
     assert results["baseline"] == "fp32-torch"
     assert (results["bench"]["runs"], results["bench"]["rounds"]) == (10, 3)
     assert [row["name"] for row in results["rows"]] == NAMES
@@ -99,6 +102,9 @@ def test_metric_change_is_paired_against_the_baseline(bench):
     assert onnx_row["metric"]["value"] == torch_row["metric"]["value"]
     assert (onnx_row["metric_delta"], onnx_row["metric_delta_ci95"]) == (0.0, [0.0, 0.0])
     assert (onnx_row["metric_change_rel"], onnx_row["metric_change_rel_ci95"]) == (None, None)
+    # Each eval row's outcome is kept, so another run on the same rows can be compared paired (compress gate).
+    assert len(torch_row["metric_rows"]["correct"]) == len(bench["evalset"])
+    assert np.mean(torch_row["metric_rows"]["correct"]) == torch_row["metric"]["value"]
 
 
 def test_rows_carry_runtime_settings_size_and_memory(bench, bert_torch_artifact, bert_onnx_artifact):

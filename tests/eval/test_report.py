@@ -103,7 +103,20 @@ def test_rewrite_replaces_files_and_leaves_no_temporaries(tmp_path):
     write_results(results, tmp_path, notes=["second"])
     assert "- second" in (tmp_path / "report.md").read_text()
     assert "- first" not in (tmp_path / "report.md").read_text()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.md", "results.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.html", "report.md", "results.json"]
+    assert "<li>second</li>" in (tmp_path / "report.html").read_text()
+
+
+def test_a_row_slower_than_the_row_it_came_from_is_flagged_not_shown_as_a_gain(tmp_path):
+    results = perplexity_results()
+    write_results(results, tmp_path)
+    assert ("## Gains are real?\n\nEach row against the row it was made from on the same runtime ('From'), from "
+            "this benchmark's own measurements:\n\n- every row is at least as fast") in (tmp_path / "report.md").read_text()
+    results["rows"][2]["latency_ms"] = latency(30.0)  # int8-onnx now slower than its fp32-onnx at 20 ms
+    write_results(results, tmp_path)
+    assert ("- **int8-onnx is 1.50x slower than fp32-onnx, the row it was made from on the same runtime"
+            in (tmp_path / "report.md").read_text())
+    assert "<strong>int8-onnx is 1.50x slower" in (tmp_path / "report.html").read_text()
 
 
 def test_sparsity_shows_each_block_by_layer_and_the_layers_outside_blocks(tmp_path):
