@@ -1,4 +1,4 @@
-"""`compress run | validate | export | bench | inspect | gate | diff`.
+"""`compress run | validate | export | bench | inspect | sweep | gate | diff`.
 
 Exit codes: 0 ok, 1 internal, 2 bad input, 3 verification failed (or `diff` found a divergence), 4 `gate` failed."""
 
@@ -101,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="history, sizes and hashes of an artifact or a run")
     inspect.add_argument("path", type=Path)
     inspect.set_defaults(handler=_inspect)
+
+    sweep = sub.add_parser("sweep", help="every combination of a grid of recipe values, shared stages run once, "
+                                         "one report with the Pareto frontier")
+    sweep.add_argument("recipe", type=Path)
+    sweep.add_argument("--out", type=Path, required=True)
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a recipe field and its values, e.g. steps.2.sparsity=0.3,0.5,0.7 (repeatable)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--max-runs", type=int, default=16, help="refuse grids with more combinations (default 16)")
+    sweep.set_defaults(handler=_sweep)
 
     gate = sub.add_parser("gate", help="exit 4 when a candidate's results lose more than allowed vs a baseline's")
     gate.add_argument("--baseline", type=Path, required=True, help="results.json of the reference run")
@@ -312,6 +322,18 @@ def _loads_on(directory: Path) -> str:
     refused = [f"{name} ({reason})" for name, reason in verdicts.items() if reason is not None]
     return "; ".join(filter(None, [f"loads on: {', '.join(loads)}" if loads else "loads on no installed runtime",
                                    f"not on: {', '.join(refused)}" if refused else ""]))
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from compress.sweep import run_sweep
+
+    command = "compress " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
+    outcome = run_sweep(args.recipe, args.grid, args.out, args.overrides, args.max_runs, args.quiet, command)
+    for point, stages in outcome["points"].items():
+        print(f"{point}: " + ", ".join(f"{stage['name']} {stage['status']}" for stage in stages))
+    if outcome["results"]:
+        print(f"report: {args.out / 'report.md'} and {args.out / 'report.html'}")
+    return 0
 
 
 def _gate(args: argparse.Namespace) -> int:

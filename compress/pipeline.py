@@ -6,12 +6,13 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -48,6 +49,9 @@ from compress.rundir import (
 from compress.settings import TrainSettings
 from compress.sysinfo import library_versions, machine_info
 
+if TYPE_CHECKING:
+    from compress.eval.bench import BenchStage
+
 log = logging.getLogger("compress")
 RUN_FORMAT = "compress-run/2"
 RUN_MANIFEST = "manifest.json"
@@ -61,13 +65,17 @@ class Stage:
     input: str | None
     key: str
     directory: Path
-    status: str  # "computed", "reused" or "skipped" (a base model that is neither benchmarked nor read)
+    # "computed", "reused", "shared" (copied from a stage store) or "skipped" (a base model neither benchmarked
+    # nor read)
+    status: str
     seconds: float
     kind: Kind
 
 
 def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool = False,
-                 command: str | None = None) -> dict[str, Any]:
+                 command: str | None = None, stage_store: Path | None = None) -> dict[str, Any]:
+    """`stage_store`: a directory of finished stages by key, shared between runs (a sweep's points): a stage
+    found there is copied in instead of computed, and each stage computed is added to it."""
     out = Path(out)
     plan = plan_stages(recipe.steps)
     reference = baseline(plan, recipe.bench.baseline)
@@ -76,7 +84,7 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
     models.resolve(recipe.model, recipe.trust_remote_code)  # fail on a bad model before writing anything
     ranks = Ranks()
-    runner = _StageRunner(recipe, out, data, quiet, used_as_input(plan) | {reference.name}, ranks)
+    runner = _StageRunner(recipe, out, data, quiet, used_as_input(plan) | {reference.name}, ranks, stage_store)
     if not ranks.main:  # trains alongside rank 0, which alone locks, writes and benchmarks
         _compute_stages(runner, plan, extra)
         return {"stages": [], "results": None}
@@ -131,8 +139,9 @@ class _StageRunner:
     """
 
     def __init__(self, recipe: Recipe, out: Path, data: TaskData, quiet: bool, needed_on_disk: set[str],
-                 ranks: Ranks):
+                 ranks: Ranks, store: Path | None = None):
         self.recipe, self.out, self.data, self.quiet, self.ranks = recipe, out, data, quiet, ranks
+        self.store = store
         self.needed_on_disk = needed_on_disk
         self.keys: dict[str, str] = {}
         self.in_memory: dict[str, Artifact] = {}  # only the unsaved base model lives here
@@ -176,6 +185,10 @@ class _StageRunner:
         if reason is None:
             log.info("%s: reused (inputs unchanged, key %s)", name, key[:12])
             return _finished(planned, key, final, "reused")
+        if self.store is not None and self.ranks.main and _why_not_reusable(self.store / key, key) is None:
+            _copy_stage(self.store / key, final)
+            log.info("%s: shared (the same stage from the stage store, key %s)", name, key[:12])
+            return _finished(planned, key, final, "shared")
         if not (self.ranks.main or isinstance(planned.step, TrainSettings)):
             self.ranks.wait()  # rank 0 computes a stage that does not train on its own
             return _finished(planned, key, final, "computed")
@@ -205,6 +218,8 @@ class _StageRunner:
         atomic_write_json(partial / STAGE_RECORD, {"key": key, "input": planned.input, "seconds": seconds,
                                                    "kind": artifact.kind.to_json()})
         replace_dir(partial, self.out / name)  # only a complete stage ever carries the final name
+        if self.store is not None:
+            _copy_stage(self.out / name, self.store / key)
         for checkpoints in self.out.glob(f".{name}.checkpoint-*"):
             shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("%s: computed in %.1f s", name, seconds)
@@ -246,6 +261,20 @@ class _StageRunner:
 def _finished(planned: PlannedStage, key: str, directory: Path, status: str) -> Stage:
     record = json.loads((directory / STAGE_RECORD).read_text())
     return Stage(planned.name, planned.input, key, directory, status, record["seconds"], Kind.from_json(record["kind"]))
+
+
+def _copy_stage(source: Path, target: Path) -> None:
+    """A finished stage copied whole under `target` (hard links where the filesystem allows: stage files are
+    never changed in place), or not at all."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(source, partial, copy_function=os.link)
+    except OSError:  # another filesystem: copy the bytes
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+    replace_dir(partial, target)
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -297,19 +326,12 @@ def _why_not_reusable(directory: Path, key: str) -> str | None:
 
 def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Stage], reference: str,
            runner: _StageRunner, quiet: bool, command: str | None, data: TaskData) -> dict[str, Any]:
-    from compress.eval.bench import BenchStage, on_targets, run_bench
+    from compress.eval.bench import on_targets, run_bench
     from compress.eval.report import write_results
     from compress.eval.targets import check_targets
 
     names = {stage.name for stage in stages}
-    onnx_reference = next((s.name for s in stages if s.input == reference and s.kind.format == "onnx"), None)
-    bench_stages = []
-    for stage in _in_report_order(stages, reference):
-        parent = parent_on_same_format(plan, stage.name, names)
-        if parent is None and stage.kind.format == "onnx" and stage.name != onnx_reference:
-            parent = onnx_reference  # an ONNX row made from a compressed torch model vs the uncompressed graph
-        bench_stages.append(BenchStage(stage.name, stage.directory, stage.kind, parent))
-    variants = on_targets(bench_stages, check_targets(recipe.bench.runtimes))
+    variants = on_targets(bench_stages(plan, stages, reference), check_targets(recipe.bench.runtimes))
     from transformers import AutoTokenizer
 
     evals = runner.eval_set(AutoTokenizer.from_pretrained(stages[-1].directory))  # not the whole model
@@ -341,6 +363,21 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
                                and (record := _sparsity_record(stage.directory)) is not None}
     write_results(results, out, notes=notes, command=command)
     return results
+
+
+def bench_stages(plan: list[PlannedStage], stages: list[Stage], reference: str) -> list[BenchStage]:
+    """The stages to benchmark in report order, each with the stage it was made from on the same format."""
+    from compress.eval.bench import BenchStage
+
+    names = {stage.name for stage in stages}
+    onnx_reference = next((s.name for s in stages if s.input == reference and s.kind.format == "onnx"), None)
+    found = []
+    for stage in _in_report_order(stages, reference):
+        parent = parent_on_same_format(plan, stage.name, names)
+        if parent is None and stage.kind.format == "onnx" and stage.name != onnx_reference:
+            parent = onnx_reference  # an ONNX row made from a compressed torch model vs the uncompressed graph
+        found.append(BenchStage(stage.name, stage.directory, stage.kind, parent))
+    return found
 
 
 def sparse_speed_note(names: list[str]) -> str:

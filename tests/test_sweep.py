@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from compress.cli import main
+from compress.errors import RecipeError
+from compress.sweep import grid_points
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_bert_dir, sentiment_files) -> str:
+    raw = {
+        "model": str(tiny_bert_dir),
+        "task": "sequence-classification",
+        "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
+                 "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
+        "steps": [{"kind": "finetune", "batch_size": 16, "lr": 1e-3, "max_steps": 3}, {"kind": "export"},
+                  {"kind": "ptq", "verify": {"max_metric_drop": 1.0, "min_agreement": 0.0}}],
+        "bench": {"runs": 10, "warmup": 1, "real_length_samples": 2, "seq_len": 16},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_a_grid_is_every_combination_and_refused_over_max_runs():
+    points = grid_points(["steps.2.sparsity=0.3,0.5", "steps.3.mode=dynamic,static"], max_runs=4)
+    assert [p.name for p in points] == ["steps.2.sparsity=0.3,steps.3.mode=dynamic",
+                                        "steps.2.sparsity=0.3,steps.3.mode=static",
+                                        "steps.2.sparsity=0.5,steps.3.mode=dynamic",
+                                        "steps.2.sparsity=0.5,steps.3.mode=static"]
+    assert points[0].overrides == ["steps.2.sparsity=0.3", "steps.3.mode=dynamic"]
+    with pytest.raises(RecipeError, match="--grid: 4 combinations, over --max-runs 3"):
+        grid_points(["steps.2.sparsity=0.3,0.5", "steps.3.mode=dynamic,static"], max_runs=3)
+    with pytest.raises(RecipeError, match="expected KEY=V1,V2"):
+        grid_points(["steps.2.sparsity"], max_runs=3)
+
+
+def test_a_sweep_runs_shared_stages_once_and_reports_every_point(tmp_path, recipe, capsys):
+    out = tmp_path / "sweep"
+    assert main(["-q", "sweep", recipe, "--out", str(out), "--grid", "steps.2.reduce_range=true,false"]) == 0
+    shown = capsys.readouterr().out
+    assert "steps.2.reduce_range=True: 00-finetune computed, 01-export computed, 02-ptq computed" in shown
+    assert "steps.2.reduce_range=False: 00-finetune shared, 01-export shared, 02-ptq computed" in shown
+    rows = [row["name"] for row in json.loads((out / "results.json").read_text())["rows"]]
+    assert rows == ["00-finetune", "01-export", "02-ptq [steps.2.reduce_range=True]",
+                    "02-ptq [steps.2.reduce_range=False]"]
+    assert (out / "report.html").read_text().count("<svg") == 2
+    # Run again: every stage of every point is reused, nothing computed.
+    assert main(["-q", "sweep", recipe, "--out", str(out), "--grid", "steps.2.reduce_range=true,false"]) == 0
+    assert "computed" not in capsys.readouterr().out
+
+
+def test_a_grid_key_the_recipe_lacks_is_named_before_any_work(tmp_path, recipe, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", recipe, "--out", str(out), "--grid", "steps.2.sparsity=0.3,0.5"]) == 2
+    assert "steps.2.sparsity" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["sweep", recipe, "--out", str(out), "--grid", "steps.0.lr=1,2,3", "--max-runs", "2"]) == 2
+    assert "--grid: 3 combinations, over --max-runs 2" in capsys.readouterr().err
