@@ -13,7 +13,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}
 table{border-collapse:collapse;font-size:.85rem;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem}
 th{background:#f3f3f3}td:nth-child(n+5){text-align:right}tr.frontier td:first-child{font-weight:bold}
-.plots{display:flex;flex-wrap:wrap;gap:1rem}.plots svg{max-width:100%;height:auto}
+.plots{display:flex;flex-wrap:wrap;gap:1rem}.plots svg{flex:1 1 45%;min-width:420px;width:45%;height:auto}
 code,pre{background:#f6f6f6}pre{padding:.5rem;overflow-x:auto}
 """
 
@@ -34,7 +34,7 @@ def pareto_front(points: dict[str, tuple[float, float]], higher_is_better: bool)
 
 def render_html(results: dict, markdown: str) -> str:
     rows = [row for row in results["rows"] if "not_run" not in row]
-    plots = _plots(rows) if rows else ""
+    plots = _plots(rows, results["baseline"]) if rows else ""
     front = _front(rows, "latency") if rows else []
     body = _markdown_to_html(markdown, plots, set(front))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>compress benchmark report</title>"
@@ -50,12 +50,12 @@ def _cost(row: dict, axis: str) -> float:
     return row["latency_ms"]["p50"] if axis == "latency" else row["size_bytes"] / MIB
 
 
-def _plots(rows: list[dict]) -> str:
-    return ("<div class='plots'>" + _plot(rows, "latency", "p50 latency, ms (fixed length)") +
-            _plot(rows, "size", "size on disk, MiB") + "</div>")
+def _plots(rows: list[dict], baseline: str) -> str:
+    return ("<div class='plots'>" + _plot(rows, baseline, "latency", "p50 latency, ms (fixed length)") +
+            _plot(rows, baseline, "size", "size on disk, MiB") + "</div>")
 
 
-def _plot(rows: list[dict], axis: str, label: str) -> str:
+def _plot(rows: list[dict], baseline: str, axis: str, label: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: the figure is written as SVG text
@@ -68,8 +68,9 @@ def _plot(rows: list[dict], axis: str, label: str) -> str:
         engine = row["runtime"]["name"]
         ax.scatter(_cost(row, axis), _metric(row), s=36, color=ENGINE_COLOURS.get(engine, "#555"),
                    edgecolor="black" if row["name"] in front else "none", zorder=3)
-        ax.annotate(row["name"], (_cost(row, axis), _metric(row)), fontsize=6.5, xytext=(4, 3),
-                    textcoords="offset points")
+        if row["name"] in front or row["name"] == baseline:  # the others are in the table: labels would pile up
+            ax.annotate(row["name"], (_cost(row, axis), _metric(row)), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
     ordered = sorted((row for row in rows if row["name"] in front), key=lambda row: _cost(row, axis))
     ax.step([_cost(r, axis) for r in ordered], [_metric(r) for r in ordered], where="post", color="black",
             linewidth=1, linestyle="--", label="Pareto frontier", zorder=2)
@@ -78,7 +79,7 @@ def _plot(rows: list[dict], axis: str, label: str) -> str:
             ax.scatter([], [], color=colour, label=engine)
     ax.set_xlabel(label)
     ax.set_ylabel("accuracy, %" if metric == "accuracy" else metric)
-    ax.set_title(f"{metric} vs {axis}", fontsize=10)
+    ax.set_title(f"{metric} vs {axis} (labelled: the frontier and the baseline)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     figure.tight_layout()
