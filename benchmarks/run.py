@@ -20,10 +20,12 @@
     python benchmarks/run.py llm-sparsity # SmolLM2-135M 50 %: magnitude vs Wanda vs SparseGPT, and 2:4 (WikiText-2)
     python benchmarks/run.py sparse-gpu   # 2:4 vs dense matrix products on an NVIDIA GPU (or the stored H200 run)
     python benchmarks/run.py all
+    python benchmarks/run.py --quick      # CI: the quickstart cut to seconds, into runs/RESULTS-quick.md
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -40,6 +42,8 @@ from sparsity import decoder_summary, encoder_summary, gpu_section  # benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+QUICK_OVERRIDES = ("steps.0.max_steps=4", "data.max_eval_rows=64", "steps.4.calibration.samples=32",
+                   "bench.runs=10", "bench.warmup=1", "bench.real_length_samples=4")
 DEV = ROOT / "pipelines" / "data" / "sst2-dev.tsv"  # the full SST-2 dev split, shipped with the quickstart
 
 
@@ -88,7 +92,7 @@ def export_vs_optimum(workdir: Path) -> str:
 
 
 def pipeline(recipe: str, name: str, title: str, notes: list[str], overrides: tuple[str, ...] = (),
-             fresh: bool = True) -> str:
+             fresh: bool = True, invocation: str | None = None) -> str:
     """A run into runs/bench-NAME (kept, so its stages and report can be inspected): fresh, or reusing the
     stages there whose inputs and files still match (long stages; the bench itself is always measured anew)."""
     out = ROOT / "runs" / f"bench-{name}"
@@ -106,7 +110,8 @@ def pipeline(recipe: str, name: str, title: str, notes: list[str], overrides: tu
     timing = (f"Wall time, fresh run after install: {wall / 60:.1f} min ({stages}, the rest is verification, "
               "benchmark and start-up)." if fresh else
               f"Stages reused where their inputs matched; seconds each took when made: {stages}.")
-    return _section(title, f"python benchmarks/run.py {name}   # = {shown}", results, [timing, *notes])
+    invocation = invocation or f"python benchmarks/run.py {name}"
+    return _section(title, f"{invocation}   # = {shown}", results, [timing, *notes])
 
 
 def runtimes() -> str:
@@ -295,19 +300,40 @@ def _section(title: str, command: str, results: dict, notes: list[str]) -> str:
     return f"## {title}\n\nMeasured {time.strftime('%Y-%m-%d')}.\n{body}"
 
 
-def write_section(key: str, text: str) -> None:
+def write_section(key: str, text: str, results_md: Path = RESULTS_MD) -> None:
     begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    current = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\nWritten by `benchmarks/run.py`.\n"
+    current = results_md.read_text() if results_md.exists() else "# Benchmark results\n\nWritten by `benchmarks/run.py`.\n"
     block = f"{begin}\n{text}\n{end}"
     if begin in current:
         current = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, current, flags=re.DOTALL)
     else:
         current = current.rstrip() + "\n\n" + block + "\n"
-    RESULTS_MD.write_text(current)
+    results_md.write_text(current)
 
 
-def main(which: str) -> None:
+def quick() -> str:
+    """The encoder quickstart cut to seconds (a few training steps, 64 eval rows, 10 timed runs): proves in CI
+    that every benchmark's machinery still runs end to end. Its figures mean nothing and go to their own file."""
+    return pipeline("pipelines/quickstart.yaml", "quick", "Quick check (CI): the quickstart cut to seconds", [],
+                    QUICK_OVERRIDES, invocation="python benchmarks/run.py --quick")
+
+
+def main(argv: list[str]) -> None:
     from compress.pipeline import GGUF_NOTE
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", nargs="?", default="all")
+    parser.add_argument("--quick", action="store_true", help="only the quick check, for CI (writes --results)")
+    parser.add_argument("--results", type=Path, help="where the sections go (default: benchmarks/RESULTS.md; "
+                                                     "with --quick: runs/RESULTS-quick.md)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        results_md = args.results or ROOT / "runs" / "RESULTS-quick.md"
+        results_md.parent.mkdir(parents=True, exist_ok=True)
+        write_section("quick", quick(), results_md)
+        print(f"quick check written to {results_md}")
+        return
+    which = args.job
 
     jobs = {
         "export": lambda w: export_vs_optimum(w),
@@ -349,9 +375,9 @@ def main(which: str) -> None:
     for key in jobs if which == "all" else [which]:
         with tempfile.TemporaryDirectory(prefix=f"bench-{key}-") as workdir:
             text = jobs[key](Path(workdir))
-        write_section(key, text)
+        write_section(key, text, args.results or RESULTS_MD)
         print(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "all")
+    main(sys.argv[1:])

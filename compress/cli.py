@@ -331,6 +331,8 @@ def _sweep(args: argparse.Namespace) -> int:
     outcome = run_sweep(args.recipe, args.grid, args.out, args.overrides, args.max_runs, args.quiet, command)
     for point, stages in outcome["points"].items():
         print(f"{point}: " + ", ".join(f"{stage['name']} {stage['status']}" for stage in stages))
+    for point, error in outcome["failed"].items():
+        print(f"{point}: failed verification ({error})")
     if outcome["results"]:
         print(f"report: {args.out / 'report.md'} and {args.out / 'report.html'}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,12 @@ from typing import Any
 
 import yaml
 
-from compress.errors import OutDirError, RecipeError
+from compress.errors import ExportMismatch, OutDirError, RecipeError
 from compress.kinds import Kind
 from compress.plan import baseline, baseline_export, plan_stages
 from compress.recipe_loader import load_recipe
 
+log = logging.getLogger("compress")
 SWEEP_RECORD = "sweep.json"
 STORE = ".stages"
 
@@ -71,22 +73,30 @@ def run_sweep(recipe_path: Path, grid: list[str], out: Path, overrides: list[str
     # Every point validated before any work: a grid key the recipe lacks fails here, naming it.
     recipes = {point.name: _point_recipe(recipe_path, overrides, point) for point in points}
     _check_out(out)
-    outcomes = {}
+    outcomes, failed = {}, {}
     for point in points:
         run_overrides = [*overrides, *point.overrides, "bench.enabled=false"]
-        outcomes[point.name] = run_pipeline(load_recipe(recipe_path, run_overrides), out / "points" / _slug(point),
-                                            quiet=quiet, stage_store=out / STORE)["stages"]
+        try:
+            outcomes[point.name] = run_pipeline(load_recipe(recipe_path, run_overrides), out / "points" / _slug(point),
+                                                quiet=quiet, stage_store=out / STORE)["stages"]
+        except ExportMismatch as err:  # a point the verification refuses is a result of the sweep, not its end
+            log.warning("%s: failed verification: %s", point.name, err)
+            failed[point.name] = str(err)
     (out / SWEEP_RECORD).write_text(json.dumps({"grid": grid, "overrides": list(overrides), "points": [
-        {"name": p.name, "values": p.values, "stages": {s["name"]: s["key"] for s in outcomes[p.name]}}
-        for p in points]}, indent=2))
-    first = recipes[points[0].name]
+        {"name": p.name, "values": p.values, "failed": failed.get(p.name),
+         "stages": {s["name"]: s["key"] for s in outcomes.get(p.name, [])}} for p in points]}, indent=2))
+    finished = [point for point in points if point.name in outcomes]
+    if not finished:
+        raise ExportMismatch(f"every point of the sweep failed verification; the first: {next(iter(failed.values()))}")
+    first = recipes[finished[0].name]
     if not first.bench.enabled:
-        return {"points": outcomes, "results": None}
-    return {"points": outcomes, "results": _bench(first, points, recipes, outcomes, out, quiet, command)}
+        return {"points": outcomes, "failed": failed, "results": None}
+    results = _bench(first, finished, recipes, outcomes, failed, out, quiet, command)
+    return {"points": outcomes, "failed": failed, "results": results}
 
 
-def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: dict[str, list[dict]], out: Path,
-           quiet: bool, command: str | None) -> dict:
+def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: dict[str, list[dict]],
+           failed: dict[str, str], out: Path, quiet: bool, command: str | None) -> dict:
     from transformers import AutoTokenizer
 
     from compress.data import build_eval_set, load_task_data
@@ -117,9 +127,11 @@ def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: 
     evals = build_eval_set(data, AutoTokenizer.from_pretrained(next(iter(rows.values())).directory), recipe.data)
     results = run_bench(variants, evals, recipe.bench, reference, quiet=quiet)
     results["data"] |= {**evals.meta, **data.notes}
-    results["sweep"] = {"grid": [point.values for point in points]}
-    notes = [(f"Sweep over {len(points)} points; a stage all points share keeps its name, one that differs carries "
-             "the grid values it was made with. Each point's stages: points/<values>/ beside this report.")]
+    results["sweep"] = {"grid": [point.values for point in points], "failed": failed}
+    notes = [(f"Sweep over {len(points) + len(failed)} points; a stage all points share keeps its name, one that "
+              "differs carries the grid values it was made with. Each point's stages: points/<values>/ beside this "
+              "report.")]
+    notes += [f"{name}: not benchmarked, it failed verification: {error}" for name, error in failed.items()]
     write_results(results, out, notes=notes, command=command)
     return results
 

@@ -61,3 +61,15 @@ def test_a_grid_key_the_recipe_lacks_is_named_before_any_work(tmp_path, recipe, 
     assert not out.exists()
     assert main(["sweep", recipe, "--out", str(out), "--grid", "steps.0.lr=1,2,3", "--max-runs", "2"]) == 2
     assert "--grid: 3 combinations, over --max-runs 2" in capsys.readouterr().err
+
+
+def test_a_point_that_fails_verification_is_reported_and_the_others_benchmarked(tmp_path, recipe, capsys):
+    out = tmp_path / "sweep"
+    # No tolerance at all: the exported graph's float rounding fails that point; the default passes.
+    assert main(["-q", "sweep", recipe, "--out", str(out), "--grid",
+                 "steps.1.verify={atol: 0.0001},{atol: 0.0, rtol: 0.0}"]) == 0
+    shown = capsys.readouterr().out
+    assert "{'atol': 0.0, 'rtol': 0.0}: failed verification (logits of eval rows" in shown
+    record = json.loads((out / "sweep.json").read_text())
+    assert [point["failed"] is None for point in record["points"]] == [True, False]
+    assert "not benchmarked, it failed verification" in (out / "report.md").read_text()
