@@ -294,11 +294,12 @@ def check_lengths(config: Any, recipe: Recipe) -> None:
         return
     if recipe.data.max_length > positions:
         raise RecipeError(f"data.max_length: {recipe.data.max_length} exceeds the model's {positions} positions")
-    if recipe.bench.enabled and recipe.bench.seq_len > positions:
-        raise RecipeError(f"bench.seq_len: {recipe.bench.seq_len} exceeds the model's {positions} positions")
-    generated = recipe.bench.seq_len + recipe.bench.new_tokens
+    longest = max(length for _, length in recipe.bench.shapes)
+    if recipe.bench.enabled and longest > positions:
+        raise RecipeError(f"bench.seq_len: {longest} exceeds the model's {positions} positions")
+    generated = recipe.bench.seq + recipe.bench.new_tokens
     if recipe.bench.enabled and is_text_stream(recipe.task) and generated > positions:
-        raise RecipeError(f"bench.new_tokens: a {recipe.bench.seq_len}-token prompt and {recipe.bench.new_tokens} new "
+        raise RecipeError(f"bench.new_tokens: a {recipe.bench.seq}-token prompt and {recipe.bench.new_tokens} new "
                           f"tokens ({generated}) exceed the model's {positions} positions")
 
 
@@ -353,7 +354,7 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
         notes.append(half_precision_note(half))
     if is_text_stream(recipe.task):
         notes.append(f"Perplexity over {evals.meta['tokens']} tokens, context {evals.meta['context']}, "
-                     f"stride {evals.meta['stride']}; latency is one forward pass of {recipe.bench.seq_len} tokens.")
+                     f"stride {evals.meta['stride']}; latency is one forward pass of {recipe.bench.seq} tokens.")
     if "eval_split" in data.notes:
         notes.append(f"Eval rows carved from train: {data.notes['eval_split']}.")
     sparse = [stage.name for stage in stages if stage.kind.sparsity]

@@ -97,8 +97,10 @@ class BenchConfig(Strict):
     # format none of them runs gets its default (torch, onnxruntime).
     runtimes: list[str] = Field(default_factory=lambda: ["torch", "onnxruntime"], min_length=1)
     baseline: str | None = None  # a stage ("@00-finetune"); default: the last output of a non-compressing step
-    batch_size: PositiveInt = 1
-    seq_len: PositiveInt = 128  # fixed length, filled with real tokens (causal LM: one forward pass)
+    # Fixed-length inputs filled with real tokens (causal LM: one forward pass). Lists time every combination;
+    # the first of each is the main shape, behind the speed-ups, the roofline and the generation prompt.
+    batch_size: PositiveInt | list[PositiveInt] = 1
+    seq_len: PositiveInt | list[PositiveInt] = 128
     threads: PositiveInt = 2
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=10)  # timed runs per variant, spread over the rounds
@@ -109,6 +111,30 @@ class BenchConfig(Strict):
     new_tokens: int = Field(32, ge=2)
     generation_runs: int = Field(10, ge=3)  # timed generations per variant, spread over the rounds
     timeout_s: int = Field(900, ge=10)  # a worker that does not answer a request within this is stopped
+
+    @field_validator("batch_size", "seq_len")
+    @classmethod
+    def _not_empty(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("a list needs at least one value, each once")
+        return value
+
+    @property
+    def batch(self) -> int:
+        """The main batch size."""
+        return self.batch_size[0] if isinstance(self.batch_size, list) else self.batch_size
+
+    @property
+    def seq(self) -> int:
+        """The main sequence length."""
+        return self.seq_len[0] if isinstance(self.seq_len, list) else self.seq_len
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (batch size, sequence length) timed, the main one first."""
+        batches = self.batch_size if isinstance(self.batch_size, list) else [self.batch_size]
+        lengths = self.seq_len if isinstance(self.seq_len, list) else [self.seq_len]
+        return [(batch, length) for batch in batches for length in lengths]
 
     @field_validator("runtimes")
     @classmethod

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import shutil
+import subprocess
 from importlib import metadata
 
 LIBRARIES = ("compress-transformers", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
@@ -30,9 +33,23 @@ def machine_info() -> dict[str, object]:
         "arch": platform.machine(),
         "isa": [flag for flag in ISA_FLAGS if flag in flags],
         "cores": os.cpu_count(),
+        "gpus": gpu_names(),
         "python": platform.python_version(),
         "os": platform.platform(terse=True),
     }
+
+
+@functools.cache
+def gpu_names() -> list[str]:
+    """NVIDIA GPUs as nvidia-smi names them, without importing torch; none where there is no driver."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
 
 
 def has_vnni() -> bool:

@@ -17,6 +17,7 @@ from compress.eval.latency import summarize
 from compress.eval.metrics import compare_paired
 from compress.eval.size import deployed_files, disk_size
 from compress.eval.targets import DEFAULT, TARGETS, Target, targets_for
+from compress.eval.worker import shape_input
 from compress.eval.workers import WorkerProcess, started_workers
 from compress.evalset import EvalSet
 from compress.kinds import Kind
@@ -77,7 +78,8 @@ def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, basel
     and vs each variant's parent; for a causal LM also its generation speed, or why it cannot generate. A variant
     this machine cannot run, or whose runtime cannot load it, is a row that says why."""
     _check_variants(variants, baseline)
-    inputs = ["fixed", "padded"] + (["real"] if min(cfg.real_length_samples, len(evalset)) else [])
+    inputs = (["fixed", "padded"] + (["real"] if min(cfg.real_length_samples, len(evalset)) else [])
+              + [shape_input(batch, length) for batch, length in cfg.shapes[1:]])
     generation = is_text_stream(evalset.task)
     not_run = {variant.name: variant.not_run for variant in variants if variant.not_run}
     if baseline in not_run:
@@ -93,7 +95,7 @@ def run_bench(variants: list[Variant], evalset: EvalSet, cfg: BenchConfig, basel
         raise BenchError(f"the baseline {baseline!r} cannot run here: {not_run[baseline]}")
     rows = [_not_run_row(variant, not_run[variant.name]) if variant.name in not_run
             else _row(variant, measured, baseline, generation, cfg, not_run) for variant in variants]
-    _add_rooflines(variants, rows, evalset.real_token_inputs(cfg.batch_size, cfg.seq_len), cfg.threads)
+    _add_rooflines(variants, rows, evalset.real_token_inputs(cfg.batch, cfg.seq), cfg.threads)
     if not quiet:
         for row in rows:
             tqdm.write(_summary_line(row), file=sys.stderr)
@@ -147,8 +149,9 @@ def _measure(workers: dict[str, WorkerProcess], variants: list[Variant], evalset
 
 def _load_request(variant: Variant, evalset_path: Path, cfg: BenchConfig) -> dict:
     return {"op": "load", "artifact_dir": str(Path(variant.artifact_dir).resolve()), "evalset": str(evalset_path),
-            "threads": cfg.threads, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-            "real_length_samples": cfg.real_length_samples, "target": variant.runs_on.name}
+            "threads": cfg.threads, "batch_size": cfg.batch, "seq_len": cfg.seq,
+            "real_length_samples": cfg.real_length_samples, "target": variant.runs_on.name,
+            "shapes": cfg.shapes[1:]}
 
 
 def _interleaved_rounds(workers: dict[str, WorkerProcess], inputs: list[str], generating: list[str],
@@ -201,14 +204,26 @@ def _row(variant: Variant, measured: dict[str, dict], baseline: str, generation:
         "metric_change_rel": change.rel,
         "metric_change_rel_ci95": None if change.rel_ci95 is None else list(change.rel_ci95),
         **{column: latency.get(kind) for kind, column in LATENCY_COLUMNS.items()},
-        "batch_size": cfg.batch_size,
-        "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch,
+        "seq_len": cfg.seq,
+        "throughput_per_s": cfg.batch * 1000 / latency["fixed"]["p50"],  # sequences a second at the main shape
         "speedup_vs_baseline": _speedup(measured[baseline], own),
         "speedup_vs_parent": None if parent is None else _speedup(measured[parent], own),
         **disk_size(deployed_files(variant.artifact_dir, variant.format)),
         "peak_rss_mb": own["peak_rss_mb"],
         **(_generation(own) if generation else {}),
+        **({"latency_by_shape": _by_shape(latency, cfg)} if len(cfg.shapes) > 1 else {}),
     }
+
+
+def _by_shape(latency: dict, cfg: BenchConfig) -> list[dict]:
+    """Latency and throughput at every shape timed, the main one first."""
+    found = []
+    for index, (batch, length) in enumerate(cfg.shapes):
+        summary = latency["fixed" if index == 0 else shape_input(batch, length)]
+        found.append({"batch_size": batch, "seq_len": length, **summary,
+                      "throughput_per_s": batch * 1000 / summary["p50"]})
+    return found
 
 
 def _add_rooflines(variants: list[Variant], rows: list[dict], features: dict[str, np.ndarray],

@@ -17,7 +17,7 @@ import numpy as np
 from compress.errors import GateRefused
 from compress.eval.metrics import compare_paired
 
-MACHINE_KEYS = ("cpu", "arch", "isa", "cores")
+MACHINE_KEYS = ("cpu", "arch", "isa", "cores", "gpus")
 
 
 @dataclass(frozen=True)

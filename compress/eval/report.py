@@ -37,6 +37,8 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
     lines += ["## Results", "", _method(results["bench"], results["baseline"], generation), ""]
     lines += _table(results["rows"], results["baseline"], generation)
     lines += ["", *_gains_section(results["rows"])]
+    if any(row.get("latency_by_shape") for row in results["rows"]):
+        lines += ["", *_shapes_section(results["rows"])]
     if any(row.get("roofline") for row in results["rows"]):
         lines += ["", *_roofline_section(results["rows"])]
     for stage, record in results.get("sparsity", {}).items():
@@ -45,6 +47,24 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     lines += ["", "## Library versions", "", *(f"- {name} {v}" for name, v in results["versions"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _first(value: int | list[int]) -> int:
+    return value[0] if isinstance(value, list) else value
+
+
+def _shapes_section(rows: list[dict]) -> list[str]:
+    """p50 and throughput of every row at every (batch, length) timed, in the same interleaved rounds."""
+    measured = [row for row in rows if row.get("latency_by_shape")]
+    shapes = [(shape["batch_size"], shape["seq_len"]) for shape in measured[0]["latency_by_shape"]]
+    lines = ["## Latency by shape", "", ("p50 ms (sequences per second) of each row at each batch size × length of "
+             "real tokens, timed in the same interleaved rounds; the first is the main shape of the table above."), "",
+             "| Variant | " + " | ".join(f"{batch} × {length}" for batch, length in shapes) + " |",
+             "|---|" + "---:|" * len(shapes)]
+    for row in measured:
+        lines.append(f"| {row['name']} | " + " | ".join(
+            f"{shape['p50']:.2f} ({shape['throughput_per_s']:.0f}/s)" for shape in row["latency_by_shape"]) + " |")
+    return lines
 
 
 def _gains_section(rows: list[dict]) -> list[str]:
@@ -102,13 +122,14 @@ def _machine_section(machine: dict, threads: int) -> list[str]:
         "",
         f"- CPU: {machine['cpu']} ({machine['arch']}), {machine['cores']} cores, benchmarked with {threads} threads",
         f"- ISA: {', '.join(machine['isa']) or 'none of the tracked flags'}",
+        *([f"- GPU: {', '.join(machine['gpus'])}"] if machine.get("gpus") else []),
         f"- Python {machine['python']} on {machine['os']}",
         "",
     ]
 
 
 def _method(bench: dict, baseline: str, generation: bool) -> str:
-    batch, seq_len = bench["batch_size"], bench["seq_len"]
+    batch, seq_len = _first(bench["batch_size"]), _first(bench["seq_len"])
     method = (
         f"Latency in {bench['rounds']} interleaved rounds (each round times every variant in turn), "
         f"{bench['runs']} timed runs per variant and input over all rounds, after {bench['warmup']} warm-up runs "

@@ -2,9 +2,10 @@
 
 Usage: python -m compress.eval.worker, then one JSON request per line on stdin, one JSON reply per line on stdout:
 
-  {"op": "load", "artifact_dir", "evalset", "threads", "batch_size", "seq_len", "real_length_samples", "target"}
+  {"op": "load", "artifact_dir", "evalset", "threads", "batch_size", "seq_len", "real_length_samples", "target",
+   "shapes": [[batch, length], ...] (timed as inputs "fixed BxL")}
                                  -> {"runtime": {...}, "cannot_generate": null | "why"}, or {"error": "why"}
-  {"op": "latency", "inputs": "fixed" | "padded" | "real", "warmup": N, "runs": N}
+  {"op": "latency", "inputs": "fixed" | "padded" | "real" | "fixed BxL", "warmup": N, "runs": N}
                                                      -> {"timings_ms": [...]}
   {"op": "generate", "new_tokens": N, "warmup": N, "runs": N}
                                                      -> {"ttft_ms": [...], "per_token_ms": [...]}
@@ -35,6 +36,11 @@ from compress.eval.targets import TARGETS
 from compress.evalset import EvalSet
 
 
+def shape_input(batch: int, length: int) -> str:
+    """The name of a fixed-length input of another shape than the main one."""
+    return f"fixed {batch}x{length}"
+
+
 class Worker:
     def __init__(self) -> None:
         self.runner: Runner | None = None
@@ -52,7 +58,7 @@ class Worker:
         return handlers[op](**request)
 
     def load(self, artifact_dir: str, evalset: str, threads: int, batch_size: int, seq_len: int,
-             real_length_samples: int, target: str = "torch") -> dict:
+             real_length_samples: int, target: str = "torch", shapes: list[list[int]] = ()) -> dict:
         try:
             self.runner = load_runner(Path(artifact_dir), threads, TARGETS[target])
         except CompressError:
@@ -65,6 +71,8 @@ class Worker:
             "fixed": [self.evalset.real_token_inputs(batch_size, seq_len)],
             "padded": [self.evalset.padded_inputs(batch_size, seq_len)],
             "real": self.evalset.real_length_inputs(real_length_samples),
+            **{shape_input(batch, length): [self.evalset.real_token_inputs(batch, length)]
+               for batch, length in shapes},
         }
         return {"runtime": self.runner.runtime(), "cannot_generate": self.runner.cannot_generate}
 

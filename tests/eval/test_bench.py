@@ -21,7 +21,7 @@ from compress.settings import BenchConfig
 ROW_KEYS = {"name", "format", "precision", "target", "parent", "runtime", "metric", "metric_delta",
             "metric_delta_ci95", "metric_change_rel", "metric_change_rel_ci95", "latency_ms", "latency_padded_ms",
             "latency_real_ms", "batch_size", "seq_len", "speedup_vs_baseline", "speedup_vs_parent", "size_bytes",
-            "size_zipped_bytes", "roofline", "peak_rss_mb", "metric_rows"}
+            "size_zipped_bytes", "roofline", "peak_rss_mb", "metric_rows", "throughput_per_s"}
 LATENCY_KEYS = {"p50", "p90", "mean", "rounds", "spread"}
 CONFIG = BenchConfig(batch_size=2, seq_len=16, threads=1, warmup=1, runs=10, rounds=3, real_length_samples=2)
 NAMES = ["fp32-torch", "fp32-onnx", "copy-onnx"]
@@ -301,3 +301,27 @@ def test_a_precision_hint_applies_to_float_weights_only():
 ])
 def test_a_hint_lowers_float_products_and_integer_graphs_compute_in_int8(target, stored, computes):
     assert TARGETS[target].computes(stored) == computes
+
+
+def test_lists_of_batch_sizes_and_lengths_time_every_shape_in_the_same_rounds(bert_onnx_artifact,
+                                                                             classification_evalset, tmp_path):
+    config = CONFIG.model_copy(update={"batch_size": [2, 4], "seq_len": [16, 8]})
+    assert config.shapes == [(2, 16), (2, 8), (4, 16), (4, 8)] and (config.batch, config.seq) == (2, 16)
+    recorded = recorded_bench([Variant("onnx", bert_onnx_artifact, "onnx", "fp32")], classification_evalset, config)
+    (row,) = recorded["results"]["rows"]
+    assert [(s["batch_size"], s["seq_len"]) for s in row["latency_by_shape"]] == config.shapes
+    assert row["latency_by_shape"][0]["p50"] == row["latency_ms"]["p50"]  # the main shape is the table's
+    assert (row["batch_size"], row["seq_len"]) == (2, 16)
+    for shape in row["latency_by_shape"]:
+        assert shape["throughput_per_s"] == pytest.approx(shape["batch_size"] * 1000 / shape["p50"])
+    timed = [request["inputs"] for _, request in recorded["sent"] if request["op"] == "latency"]
+    assert timed.count("fixed 4x8") == 3  # once in each of the 3 rounds, beside the main inputs
+    write_results(recorded["results"], tmp_path)
+    assert "| Variant | 2 × 16 | 2 × 8 | 4 × 16 | 4 × 8 |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_shape_list_must_hold_distinct_values():
+    with pytest.raises(ValueError, match="a list needs at least one value, each once"):
+        BenchConfig(batch_size=[1, 1])
+    with pytest.raises(ValueError, match="a list needs at least one value, each once"):
+        BenchConfig(seq_len=[])

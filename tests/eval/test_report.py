@@ -97,6 +97,15 @@ def test_accuracy_shows_percent_with_the_change_in_points(tmp_path):
     assert "| fp32-onnx | - | onnxruntime CPU, 2 threads | fp32 | 88.50% (-1.50 pt, -2.50 to -0.60) |" in report
 
 
+def test_the_machine_section_names_the_gpus_when_there_are_some(tmp_path):
+    results = perplexity_results()
+    write_results(results, tmp_path)
+    assert "- GPU:" not in (tmp_path / "report.md").read_text()
+    results["machine"]["gpus"] = ["NVIDIA H200"]
+    write_results(results, tmp_path)
+    assert "- GPU: NVIDIA H200\n" in (tmp_path / "report.md").read_text()
+
+
 def test_rewrite_replaces_files_and_leaves_no_temporaries(tmp_path):
     results = perplexity_results()
     write_results(results, tmp_path, notes=["first"])
