@@ -1,6 +1,7 @@
-"""`compress run | validate | export | bench | inspect | sweep | gate | diff`.
+"""`compress run | validate | export | bench | inspect | sweep | search | gate | diff`.
 
-Exit codes: 0 ok, 1 internal, 2 bad input, 3 verification failed (or `diff` found a divergence), 4 `gate` failed."""
+Exit codes: 0 ok, 1 internal, 2 bad input, 3 verification failed (or `diff` found a divergence), 4 `gate` failed
+(or no `search` rung met the budget)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,17 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--max-runs", type=int, default=16, help="refuse grids with more combinations (default 16)")
     sweep.set_defaults(handler=_sweep)
+
+    search = sub.add_parser("search", help="a ladder of compression recipes after RECIPE, cheapest first; the "
+                                           "fastest (or smallest) one within the budget, judged on validation")
+    search.add_argument("recipe", type=Path, help="model, data and the steps that make the model to compress")
+    search.add_argument("--out", type=Path, required=True)
+    search.add_argument("--max-drop", type=float, required=True,
+                        help="accuracy points (perplexity: percent rise) a rung may lose on the validation split")
+    search.add_argument("--max-latency-ms", type=float, help="p50 a rung must reach at the bench's main shape")
+    search.add_argument("--objective", choices=["fastest", "smallest"], default="fastest")
+    search.add_argument("--rungs", help="comma-separated rungs to try (default: the whole ladder for the task)")
+    search.set_defaults(handler=_search)
 
     gate = sub.add_parser("gate", help="exit 4 when a candidate's results lose more than allowed vs a baseline's")
     gate.add_argument("--baseline", type=Path, required=True, help="results.json of the reference run")
@@ -335,6 +347,21 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"{point}: failed verification ({error})")
     if outcome["results"]:
         print(f"report: {args.out / 'report.md'} and {args.out / 'report.html'}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from compress.search import run_search
+
+    rungs = [name.strip() for name in args.rungs.split(",")] if args.rungs else []
+    record = run_search(args.recipe, args.out, args.max_drop, args.max_latency_ms, args.objective, rungs, args.quiet)
+    for name, verdict in record["verdicts"].items():
+        print(f"{name}: {verdict or 'within the budget'}")
+    for name in record["failed_verification"]:
+        print(f"{name}: failed its verification")
+    chosen = record["eval"][record["chosen"]]
+    print(f"chosen: {record['chosen']} -> {record['artifact']} (eval: {chosen['metric']['name']} "
+          f"{chosen['metric']['value']:.4g}, p50 {chosen['p50_ms']:.2f} ms); evidence: {args.out / 'report.md'}")
     return 0
 
 

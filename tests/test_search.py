@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from compress.cli import main
+from compress.errors import RecipeError
+from compress.search import LADDERS, ladder
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_bert_dir, sentiment_files) -> str:
+    raw = {
+        "model": str(tiny_bert_dir),
+        "task": "sequence-classification",
+        "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
+                 "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
+        "steps": [{"kind": "finetune", "batch_size": 16, "lr": 1e-3, "max_steps": 3}],
+        "bench": {"runs": 10, "warmup": 1, "real_length_samples": 2, "seq_len": 16},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_the_ladders_go_from_quantization_to_pruning_to_distillation():
+    assert list(LADDERS["classification"]) == ["int8-dynamic", "int8-static", "prune-30-int8", "prune-50-int8",
+                                               "distill-half-int8"]
+    assert list(ladder("causal-lm")) == ["int8-dynamic", "int4-weight-only", "prune-mlp-30-int8"]
+    with pytest.raises(RecipeError, match="--rungs: unknown rung 'int2'"):
+        ladder("sequence-classification", ["int2"])
+
+
+def test_search_returns_the_fastest_rung_within_budget_with_its_eval_evidence(tmp_path, recipe, capsys):
+    out = tmp_path / "search"
+    assert main(["-q", "search", recipe, "--out", str(out), "--max-drop", "100",
+                 "--rungs", "int8-dynamic,int8-static"]) == 0
+    record = json.loads((out / "search.json").read_text())
+    assert set(record["verdicts"]) == {"int8-dynamic", "int8-static"}
+    validation = record["validation"]
+    fastest = min(("int8-dynamic", "int8-static"), key=lambda name: validation[name]["p50_ms"])
+    assert record["chosen"] == fastest
+    assert re.search(rf"rungs/{fastest}/0[23]-ptq$", record["artifact"])
+    assert set(record["eval"]) == {"base", fastest}
+    assert f"chosen: {fastest} -> " in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "Chosen by compress search (fastest, max drop 100) on the validation split" in report
+    # The base model was made once: both rungs took it from the stage store.
+    statuses = [json.loads((out / "rungs" / name / "manifest.json").read_text())["stages"][0]["status"]
+                for name in ("int8-dynamic", "int8-static")]
+    assert statuses == ["shared", "reused"] or statuses == ["shared", "shared"]
+
+
+def test_a_budget_no_rung_meets_exits_4_with_each_rungs_reason(tmp_path, recipe, capsys):
+    out = tmp_path / "search"
+    assert main(["-q", "search", recipe, "--out", str(out), "--max-drop", "100", "--max-latency-ms", "0.0001",
+                 "--rungs", "int8-dynamic"]) == 4
+    err = capsys.readouterr().err
+    assert "no rung met the budget on the validation split: int8-dynamic runs" in err and "(allowed 0.0001)" in err
+    assert json.loads((out / "search.json").read_text())["verdicts"]["int8-dynamic"].startswith("runs ")
