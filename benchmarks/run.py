@@ -3,6 +3,8 @@
     python benchmarks/run.py export       # ONNX fp32 (ours) vs optimum export + ORTOptimizer O2 vs PyTorch fp32
     python benchmarks/run.py quickstart   # wall time and rows of `make demo`'s pipeline
     python benchmarks/run.py runtimes     # the quickstart + QAT on PyTorch, ONNX Runtime, OpenVINO (reuses the quickstart run)
+    python benchmarks/run.py sweep        # compress sweep of the quickstart (reduce_range x per_channel), one report
+    python benchmarks/run.py search       # compress search over the fine-tuned MiniLM-L6 (int8, static, pruning)
     python benchmarks/run.py llm          # the decoder quickstart
     python benchmarks/run.py llm-wikitext # the same on WikiText-2 test (needs ../shared/data)
     python benchmarks/run.py distill      # MiniLM-L6 teacher -> 3-layer student -> ONNX int8 (pipelines/distill-L3.yaml)
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -128,6 +131,45 @@ def runtimes() -> str:
                     "Runtimes: the quickstart model on PyTorch, ONNX Runtime and OpenVINO, every precision side by side",
                     [], fresh=False)
     return with_notes(text, runtimes_summary(out))
+
+
+SWEEP_GRID = ("steps.3.reduce_range=true,false", "steps.3.per_channel=true,false")
+SEARCH_BUDGET = ("--max-drop", "1.0", "--max-latency-ms", "8", "--rungs", "int8-dynamic,int8-static,prune-50-int8")
+
+
+def sweep() -> str:
+    """The quickstart swept over dynamic int8's range and granularity: shared stages once, one report."""
+    out = ROOT / "runs" / "sweep-quickstart"
+    args = ["pipelines/quickstart.yaml", "--out", "runs/sweep-quickstart",
+            *(arg for grid in SWEEP_GRID for arg in ("--grid", grid)),
+            "--set", "bench.runtimes=[torch, onnxruntime, openvino-bf16]"]
+    subprocess.run([sys.executable, "-m", "compress.cli", "sweep", *args], check=True, cwd=ROOT)
+    record = json.loads((out / "sweep.json").read_text())
+    failed = [f"{point['name']}: failed its verification" for point in record["points"] if point["failed"]]
+    return _section("Sweep: the quickstart over dynamic int8's reduce_range × per_channel",
+                    f"python benchmarks/run.py sweep   # = compress sweep {shlex.join(args)}",
+                    json.loads((out / "results.json").read_text()), failed)
+
+
+def search() -> str:
+    """compress search over the fine-tuned MiniLM-L6: the ladder's verdicts on validation, the chosen rung on eval."""
+    out = ROOT / "runs" / "search-minilm"
+    args = ["pipelines/search-minilm.yaml", "--out", "runs/search-minilm", *SEARCH_BUDGET]
+    done = subprocess.run([sys.executable, "-m", "compress.cli", "search", *args], check=False, cwd=ROOT)
+    record = json.loads((out / "search.json").read_text())
+    notes = [f"{name} on validation: {_validation_line(record['validation'][name])} — "
+             f"{verdict or 'within the budget'}" for name, verdict in record["verdicts"].items()]
+    notes += [f"{name}: failed its own verification" for name in record["failed_verification"]]
+    if done.returncode != 0 or "chosen" not in record:
+        return "\n".join(["## compress search: no rung met the budget", "", *(f"- {n}" for n in notes)])
+    return _section("compress search: MiniLM-L6 (SST-2), max drop 1 pt, max 8 ms", f"python benchmarks/run.py "
+                    f"search   # = compress search {shlex.join(args)}", json.loads((out / "results.json").read_text()),
+                    [f"chosen: {record['chosen']}", *notes])
+
+
+def _validation_line(evidence: dict) -> str:
+    return (f"{evidence['metric']['value']:.2%} ({evidence['metric_delta'] * 100:+.2f} pt), p50 {evidence['p50_ms']:.2f} "
+            f"ms, {evidence['size_bytes'] / 2**20:.1f} MiB")
 
 
 def with_notes(text: str, notes: list[str]) -> str:
@@ -344,6 +386,8 @@ def main(argv: list[str]) -> None:
         "quickstart": lambda w: pipeline("pipelines/quickstart.yaml", "quickstart", "Encoder quickstart (make demo)",
                                          []),
         "runtimes": lambda w: runtimes(),
+        "sweep": lambda w: sweep(),
+        "search": lambda w: search(),
         "llm": lambda w: pipeline("pipelines/llm-quickstart.yaml", "llm", "Decoder quickstart (SmolLM2-135M)",
                                   [GGUF_NOTE]),
         "llm-wikitext": lambda w: pipeline(
