@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="a recipe field and its values, e.g. steps.2.sparsity=0.3,0.5,0.7 (repeatable)")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--max-runs", type=int, default=16, help="refuse grids with more combinations (default 16)")
+    sweep.add_argument("--seeds", type=int, default=1,
+                       help="run every combination with this many seeds (the recipe's and the next ones)")
     sweep.set_defaults(handler=_sweep)
 
     search = sub.add_parser("search", help="a ladder of compression recipes after RECIPE, cheapest first; the "
@@ -309,6 +311,8 @@ def _settings(cls: Any, flags: dict[str, str], **values: Any) -> Any:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from compress.eval.report import effect_line
+
     for found in _benchable(args.path)[0]:
         directory, manifest = found.directory, found.manifest
         print(f"{directory}  [{manifest['task']}, {found.kind.describe()}]")
@@ -319,8 +323,7 @@ def _inspect(args: argparse.Namespace) -> int:
         if found.kind.format == "onnx":
             print("  " + _loads_on(directory))
         for entry in manifest["history"]:
-            effect = ", ".join(f"{k}={_brief(v)}" for k, v in entry["effect"].items() if _brief(v))
-            print(f"  {entry.get('stage', entry['kind'])}: {effect}")
+            print(f"  {entry.get('stage', entry['kind'])}: {effect_line(entry['effect'])}")
     return 0
 
 
@@ -340,7 +343,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from compress.sweep import run_sweep
 
     command = "compress " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
-    outcome = run_sweep(args.recipe, args.grid, args.out, args.overrides, args.max_runs, args.quiet, command)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds: at least 1 (got {args.seeds})")
+    outcome = run_sweep(args.recipe, args.grid, args.out, args.overrides, args.max_runs, args.quiet, command,
+                        args.seeds)
     for point, stages in outcome["points"].items():
         print(f"{point}: " + ", ".join(f"{stage['name']} {stage['status']}" for stage in stages))
     for point, error in outcome["failed"].items():
@@ -402,23 +408,6 @@ def _diff(args: argparse.Namespace) -> int:
         raise ExportMismatch(found.describe())
     print(f"no divergence: every module compared is within atol {tolerance.atol:g}, rtol {tolerance.rtol:g}")
     return 0
-
-
-def _brief(value: Any) -> str:
-    """Scalars as they are (floats to 4 significant digits), lists of numbers (per-block sizes) whole, a list of
-    evaluations as its last one, per-layer sparsity records as their range."""
-    if isinstance(value, dict) and value and all(isinstance(v, dict) and "sparsity" in v for v in value.values()):
-        shares = [layer["sparsity"] for layer in value.values()]
-        return f"{len(shares)} layers, sparsity {min(shares):.1%} to {max(shares):.1%}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list) and value and all(isinstance(item, int | float) for item in value):
-        return "[" + ", ".join(_brief(item) for item in value) + "]"
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        return "{" + ", ".join(f"{k} {_brief(v)}" for k, v in value[-1].items()) + "}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} {_brief(v)}" for k, v in value.items()) + "}" if value else ""
-    return "" if isinstance(value, list) else str(value)
 
 
 def _atomic_dir(out: Path, write: Any) -> None:

@@ -338,6 +338,7 @@ def _bench(recipe: Recipe, out: Path, plan: list[PlannedStage], stages: list[Sta
     evals = runner.eval_set(AutoTokenizer.from_pretrained(stages[-1].directory))  # not the whole model
     results = run_bench(variants, evals, recipe.bench, reference, quiet=quiet)
     results["data"] |= {**evals.meta, **data.notes}
+    results["passes"] = [_pass_record(stage) for stage in stages if stage.name != BASE]
     notes = [(f"Baseline: {reference} (the uncompressed model); 'From' is the row each one was made from on the "
               "same runtime.")]
     if runner.new_head and BASE in names:
@@ -388,6 +389,12 @@ def sparse_speed_note(names: list[str]) -> str:
             "none should be read into their latency; what the zeros buy here is the zipped size. 2:4 patterns "
             "run faster only on runtimes with sparse kernels (NVIDIA sparse tensor cores: see "
             "benchmarks/RESULTS.md).")
+
+
+def _pass_record(stage: Stage) -> dict[str, Any]:
+    """What the stage's pass recorded about itself, for the report's before/after section."""
+    entry = read_manifest(stage.directory)["history"][-1]
+    return {"stage": stage.name, "pass": entry["kind"], "seconds": stage.seconds, "effect": entry.get("effect", {})}
 
 
 def _sparsity_record(directory: Path) -> dict[str, Any] | None:

@@ -16,6 +16,11 @@ from compress.recipe import STEP_CLASSES, Recipe, nested_models
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
+    return parse_recipe(apply_overrides(read_raw(path), overrides), base_dir=path.resolve().parent, source=str(path))
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """The recipe file as YAML data, before validation."""
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
@@ -24,7 +29,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with at least 'model', 'task' and 'data'")
-    return parse_recipe(apply_overrides(raw, overrides), base_dir=path.resolve().parent, source=str(path))
+    return raw
 
 
 def parse_recipe(raw: dict[str, Any], base_dir: Path, source: str = "recipe") -> Recipe:

@@ -13,13 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from compress.arch import is_text_stream
 from compress.errors import ExportMismatch, GateFailed, RecipeError
 from compress.kinds import Kind
 from compress.plan import plan_stages
-from compress.recipe_loader import parse_recipe
+from compress.recipe_loader import parse_recipe, read_raw
 
 SEARCH_RECORD = "search.json"
 ANY_DROP = {"max_metric_drop": 1.0, "min_agreement": 0.0}
@@ -59,7 +57,7 @@ def run_search(recipe_path: Path, out: Path, max_drop: float, max_latency_ms: fl
     from compress.pipeline import run_pipeline
 
     recipe_path, out = Path(recipe_path), Path(out)
-    raw = yaml.safe_load(recipe_path.read_text())
+    raw = read_raw(recipe_path)
     base = parse_recipe(raw, recipe_path.resolve().parent, str(recipe_path))
     recipes = {name: _rung_recipe(raw, steps, recipe_path) for name, steps in
                ladder(base.task, list(rungs)).items()}  # every rung validated before any work

@@ -64,12 +64,16 @@ def grid_points(grid: list[str], max_runs: int) -> list[Point]:
 
 
 def run_sweep(recipe_path: Path, grid: list[str], out: Path, overrides: list[str] = (), max_runs: int = 16,
-              quiet: bool = False, command: str | None = None) -> dict[str, Any]:
+              quiet: bool = False, command: str | None = None, seeds: int = 1) -> dict[str, Any]:
+    """`seeds` > 1 runs every combination with that many seeds (the recipe's and the ones after it), so two
+    settings whose accuracy intervals overlap can be told apart by more than one training run."""
     from compress.pipeline import run_pipeline
 
     out = Path(out)
+    seed = load_recipe(recipe_path, list(overrides)).seed
+    if seeds > 1:
+        grid = [*grid, "seed=" + ",".join(str(seed + offset) for offset in range(seeds))]
     points = grid_points(grid, max_runs)
-    load_recipe(recipe_path, list(overrides))
     # Every point validated before any work: a grid key the recipe lacks fails here, naming it.
     recipes = {point.name: _point_recipe(recipe_path, overrides, point) for point in points}
     _check_out(out)

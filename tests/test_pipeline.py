@@ -167,6 +167,10 @@ def test_bench_runtimes_put_each_stage_on_each_runtime_side_by_side(tmp_path, re
                           "02-ptq", "02-ptq@openvino-bf16", "03-portable", "03-portable@openvino-bf16"]
     report = (out / "report.md").read_text()
     assert "## Roofline" in report
+    passes = run_pipeline(recipe, out, quiet=True)["results"]["passes"]
+    assert [(entry["stage"], entry["pass"]) for entry in passes] == [
+        ("00-export", "export"), ("01-ort-fuse", "ort-fuse"), ("02-ptq", "ptq"), ("03-portable", "ptq")]
+    assert "- 00-export (export, " in report and "max_abs_diff=" in report.split("## What each pass did")[1]
     lacking = TARGETS["openvino-bf16"].unavailable()
     if lacking:  # an AVX2 machine: every bf16 row says why it did not run
         assert {row["not_run"] for name, row in rows.items() if "@" in name} == {lacking}

@@ -34,6 +34,14 @@ def test_the_ladders_go_from_quantization_to_pruning_to_distillation():
         ladder("sequence-classification", ["int2"])
 
 
+def test_a_missing_recipe_or_unknown_rung_is_one_line_before_any_work(tmp_path, recipe, capsys):
+    assert main(["search", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "s"), "--max-drop", "1"]) == 2
+    assert "nope.yaml: recipe file not found" in capsys.readouterr().err
+    assert main(["search", recipe, "--out", str(tmp_path / "s"), "--max-drop", "1", "--rungs", "int2"]) == 2
+    assert "--rungs: unknown rung 'int2'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_search_returns_the_fastest_rung_within_budget_with_its_eval_evidence(tmp_path, recipe, capsys):
     out = tmp_path / "search"
     rungs = ("int8-dynamic", "int8-static", "prune-30-int8")

@@ -73,3 +73,14 @@ def test_a_point_that_fails_verification_is_reported_and_the_others_benchmarked(
     record = json.loads((out / "sweep.json").read_text())
     assert [point["failed"] is None for point in record["points"]] == [True, False]
     assert "not benchmarked, it failed verification" in (out / "report.md").read_text()
+
+
+def test_seeds_run_every_combination_with_several_seeds(tmp_path, recipe, capsys):
+    out = tmp_path / "sweep"
+    assert main(["-q", "sweep", recipe, "--out", str(out), "--grid", "steps.2.reduce_range=true", "--seeds", "2"]) == 0
+    rows = [row["name"] for row in json.loads((out / "results.json").read_text())["rows"]]
+    # Training differs by seed, so every stage from the fine-tune on is made twice.
+    assert {"00-finetune [steps.2.reduce_range=True,seed=0]", "00-finetune [steps.2.reduce_range=True,seed=1]",
+            "02-ptq [steps.2.reduce_range=True,seed=1]"} <= set(rows)
+    assert main(["sweep", recipe, "--out", str(out), "--grid", "steps.2.reduce_range=true", "--seeds", "0"]) == 2
+    assert "--seeds: at least 1" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from compress.eval.gains import losses
 from compress.eval.html import render_html
@@ -39,6 +40,8 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
     lines += ["", *_gains_section(results["rows"])]
     if any(row.get("latency_by_shape") for row in results["rows"]):
         lines += ["", *_shapes_section(results["rows"])]
+    if results.get("passes"):
+        lines += ["", *_passes_section(results["passes"])]
     if any(row.get("roofline") for row in results["rows"]):
         lines += ["", *_roofline_section(results["rows"])]
     for stage, record in results.get("sparsity", {}).items():
@@ -78,6 +81,35 @@ def _gains_section(rows: list[dict]) -> list[str]:
     return lines + ([f"- **{line}**" for line in found] or
                     [("- every row is at least as fast (within the rounds' spread) and as small as the row it was "
                      "made from.")])
+
+
+def effect_line(effect: dict) -> str:
+    """A pass's recorded effect on one line: `key=value` for each entry worth showing."""
+    return ", ".join(f"{key}={brief(value)}" for key, value in effect.items() if brief(value))
+
+
+def brief(value: Any) -> str:
+    """Scalars as they are (floats to 4 significant digits), lists of numbers (per-block sizes) whole, a list of
+    evaluations as its last one, per-layer sparsity records as their range."""
+    if isinstance(value, dict) and value and all(isinstance(v, dict) and "sparsity" in v for v in value.values()):
+        shares = [layer["sparsity"] for layer in value.values()]
+        return f"{len(shares)} layers, sparsity {min(shares):.1%} to {max(shares):.1%}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and value and all(isinstance(item, int | float) for item in value):
+        return "[" + ", ".join(brief(item) for item in value) + "]"
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return "{" + ", ".join(f"{k} {brief(v)}" for k, v in value[-1].items()) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {brief(v)}" for k, v in value.items()) + "}" if value else ""
+    return "" if isinstance(value, list) else str(value)
+
+
+def _passes_section(passes: list[dict]) -> list[str]:
+    lines = ["## What each pass did", "", ("As each pass recorded it when its stage was made (its own measurements; the "
+             "table above is the benchmark's):"), ""]
+    return lines + [f"- {entry['stage']} ({entry['pass']}, {entry['seconds']:.0f} s): {effect_line(entry['effect'])}"
+                    for entry in passes]
 
 
 def _roofline_section(rows: list[dict]) -> list[str]:
