@@ -140,9 +140,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="compare runs from different machines or thread counts")
     gate.set_defaults(handler=_gate)
 
-    diff = sub.add_parser("diff", help="the first module where an ONNX graph leaves its torch model")
-    diff.add_argument("torch_artifact", type=Path, help="artifact directory holding the torch model")
-    diff.add_argument("onnx_artifact", type=Path, help="artifact directory holding its exported graph")
+    diff = sub.add_parser("diff", help="where an ONNX graph first leaves its torch model, or a quantized graph its "
+                                       "float graph")
+    diff.add_argument("reference", type=Path, help="artifact directory: the torch model, or the float ONNX graph")
+    diff.add_argument("candidate", type=Path, help="artifact directory: its exported or quantized ONNX graph")
     diff.add_argument("--data", type=Path, help="text file/table whose rows are the inputs (default: built-in)")
     diff.add_argument("--text", default="text", help="text column of --data")
     diff.add_argument("--atol", type=float, default=1e-4)
@@ -388,25 +389,29 @@ def _diff(args: argparse.Namespace) -> int:
     from compress.artifact import GRAPH, Artifact
     from compress.data import read_table
     from compress.errors import ExportMismatch
-    from compress.eval.divergence import first_divergence
+    from compress.eval.divergence import QUANTIZED_RELATIVE_ERROR, first_divergence, first_graph_divergence
     from compress.recipe import DataSource
     from compress.settings import FloatTolerance
 
     tolerance = _settings(FloatTolerance, {"atol": "--atol", "rtol": "--rtol"}, atol=args.atol, rtol=args.rtol)
-    reference, graph = Artifact.load(args.torch_artifact), Artifact.load(args.onnx_artifact)
-    if reference.format != "torch" or graph.format != "onnx":
-        raise ArtifactError(f"diff compares a torch artifact with an ONNX one; got {reference.kind.describe()} and "
-                            f"{graph.kind.describe()}")
+    reference, graph = Artifact.load(args.reference), Artifact.load(args.candidate)
+    if graph.format != "onnx":
+        raise ArtifactError(f"diff: {args.candidate} holds {graph.kind.describe()}; the candidate is an ONNX graph")
     texts = VERIFY_SENTENCES
     if args.data:
         texts = read_table(DataSource(path=str(args.data), text=args.text), "--data",
                            not is_text_stream(reference.task), labelled=False)["text"]
     features = dict(reference.tokenizer(list(texts), padding=True, truncation=True, max_length=128,
                                         return_tensors="np"))
-    found = first_divergence(reference.model, args.onnx_artifact / GRAPH, features, tolerance)
+    if reference.format == "onnx":  # a quantized graph against its float graph: value by value
+        found = first_graph_divergence(args.reference / GRAPH, args.candidate / GRAPH, features)
+        within = f"every value both graphs compute is within {QUANTIZED_RELATIVE_ERROR:.0%} relative error"
+    else:
+        found = first_divergence(reference.model, args.candidate / GRAPH, features, tolerance)
+        within = f"every module compared is within atol {tolerance.atol:g}, rtol {tolerance.rtol:g}"
     if found is not None:
         raise ExportMismatch(found.describe())
-    print(f"no divergence: every module compared is within atol {tolerance.atol:g}, rtol {tolerance.rtol:g}")
+    print(f"no divergence: {within}")
     return 0
 
 

@@ -170,8 +170,10 @@ def test_diff_names_the_first_module_a_graph_gets_wrong(tmp_path, recipe, capsys
     onnx.save(proto, str(broken / "model.onnx"))
     assert main(["diff", str(out / "00-finetune"), str(broken)]) == 3
     assert "first divergence at module bert.encoder.layer.1.output.dense (ONNX node " in one_error_line(capsys)
-    assert main(["diff", str(out / "01-export"), str(broken)]) == 2
-    assert "diff compares a torch artifact with an ONNX one" in one_error_line(capsys)
+    assert main(["diff", str(out / "01-export"), str(broken)]) == 3  # graph against graph: value by value
+    assert "relative error" in one_error_line(capsys)
+    assert main(["diff", str(broken), str(out / "00-finetune")]) == 2
+    assert "the candidate is an ONNX graph" in one_error_line(capsys)
 
 
 def test_inspect_names_the_runtimes_that_cannot_load_a_graph(bert_int8_fused_artifact, capsys):

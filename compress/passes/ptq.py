@@ -15,7 +15,7 @@ from compress.algos.sensitivity import keep_in_float, kl_divergence, rank_layers
 from compress.arch import TASKS, is_text_stream
 from compress.artifact import GRAPH, Artifact, step_record
 from compress.context import Context
-from compress.errors import NothingToDo
+from compress.errors import ExportMismatch, NothingToDo
 from compress.eval.metrics import evaluate, metric_drop
 from compress.eval.runners import OrtRunner
 from compress.evalset import EvalSet
@@ -35,6 +35,7 @@ from compress.sysinfo import machine_info
 # on this many validation rows (causal LM: tokens). KL moves with every layer where accuracy on a few rows would
 # tie at zero, needs no labels, and one pass over them per layer keeps ~40 layers x a quantization cheap.
 SENSITIVITY_ROWS = 128
+DIVERGENCE_ROWS = 8  # rows the divergence finder runs both graphs on when a quantized graph fails verification
 SENSITIVITY_TOKENS = 4096
 
 
@@ -49,7 +50,10 @@ def run(artifact: Artifact, step: PTQStep, ctx: Context) -> Artifact:
     evalset = ctx.eval_set(artifact.tokenizer).take(step.verify.samples)
     before = evaluate(OrtRunner(source, threads=VERIFY_THREADS), evalset, progress=not ctx.quiet)
     after = evaluate(OrtRunner(target, threads=VERIFY_THREADS), evalset, progress=not ctx.quiet)
-    measured = verify_quantized(before, after, evalset, step.verify, TASKS[artifact.task].higher_is_better)
+    try:
+        measured = verify_quantized(before, after, evalset, step.verify, TASKS[artifact.task].higher_is_better)
+    except ExportMismatch as err:
+        raise ExportMismatch(f"{err}; {_where(source, target, evalset)}") from None
     effect = {**quantized, **measured, "seconds": round(time.perf_counter() - started, 2)}
     kind = step.output_kind(artifact.kind).evolve(runtime=graph_runtime(target))
     return artifact.evolve(step_record(step, **effect), onnx_path=target, kind=kind)
@@ -79,6 +83,14 @@ def _static(source: Path, target: Path, step: PTQStep, artifact: Artifact, ctx: 
                                activation_type, step.keep_fp32, step.quantize_embeddings, artifact.kind.external_data)
         return (_tuned(quantizer.quantize, quantizer.layers, Path(scratch), source, target, step, artifact, ctx)
                 | _chosen_for(step))
+
+
+def _where(source: Path, target: Path, evalset: Any) -> str:
+    """Which value of the quantized graph first leaves the float graph's, on the first rows verified."""
+    from compress.eval.divergence import first_graph_divergence
+
+    found = first_graph_divergence(source, target, evalset.take(DIVERGENCE_ROWS).features)
+    return found.describe() if found else "no single value is far off: the loss builds up across the layers"
 
 
 def _chosen_for(step: PTQStep) -> dict[str, Any]:

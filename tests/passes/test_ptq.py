@@ -60,7 +60,9 @@ def test_ptq_rejects_a_graph_that_changes_predictions(fp32_classifier, classific
 
     monkeypatch.setattr(ptq, "quantize_dynamic_int8", quantize_then_negate_logits)
     step = PTQStep(verify={"max_metric_drop": 1.0, "min_agreement": 1.0})
-    with pytest.raises(ExportMismatch, match=r"agreement 0.0000 < min_agreement 1"):
+    # The divergence finder names where the graphs part: the logits the extra node negated.
+    with pytest.raises(ExportMismatch, match=r"agreement 0.0000 < min_agreement 1; first value off by more than the "
+                                             r"quantization tolerance: logits \(node "):
         ptq.run(fp32_classifier, step, make_context(tmp_path, classification_evalset))
 
 
