@@ -95,12 +95,12 @@ def run_sweep(recipe_path: Path, grid: list[str], out: Path, overrides: list[str
     first = recipes[finished[0].name]
     if not first.bench.enabled:
         return {"points": outcomes, "failed": failed, "results": None}
-    results = _bench(first, finished, recipes, outcomes, failed, out, quiet, command)
+    results = _bench(first, finished, recipes, outcomes, failed, out, quiet, command, seeds)
     return {"points": outcomes, "failed": failed, "results": results}
 
 
 def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: dict[str, list[dict]],
-           failed: dict[str, str], out: Path, quiet: bool, command: str | None) -> dict:
+           failed: dict[str, str], out: Path, quiet: bool, command: str | None, seeds: int) -> dict:
     from transformers import AutoTokenizer
 
     from compress.data import build_eval_set, load_task_data
@@ -136,8 +136,26 @@ def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: 
               "differs carries the grid values it was made with. Each point's stages: points/<values>/ beside this "
               "report.")]
     notes += [f"{name}: not benchmarked, it failed verification: {error}" for name, error in failed.items()]
+    if seeds == 1:
+        notes += _undecided(results["rows"])
     write_results(results, out, notes=notes, command=command)
     return results
+
+
+def _undecided(rows: list[dict]) -> list[str]:
+    """Grid variants of one stage whose intervals against the baseline overlap: one seed does not rank them."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if " [" in row["name"] and "not_run" not in row and "@" not in row["name"].split("]")[-1]:
+            groups.setdefault(row["name"].split(" [")[0], []).append(row)
+    notes = []
+    for stage, variants in groups.items():
+        low = max(row["metric_delta_ci95"][0] for row in variants)
+        high = min(row["metric_delta_ci95"][1] for row in variants)
+        if len(variants) > 1 and low <= high:
+            notes.append(f"{stage}: the metric intervals of its {len(variants)} grid variants overlap, so one "
+                         "training run does not rank them; --seeds 2 (or more) runs every point with more seeds.")
+    return notes
 
 
 def _point_recipe(recipe_path: Path, overrides: list[str], point: Point) -> Any:

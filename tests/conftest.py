@@ -175,6 +175,27 @@ def text_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def write_recipe(tmp_path, tiny_bert_dir, sentiment_files):
+    """Writes a recipe for the tiny BERT on the sentiment files with `steps`, quick to benchmark; returns its path."""
+    import yaml
+
+    def write(steps: list[dict]) -> str:
+        raw = {
+            "model": str(tiny_bert_dir),
+            "task": "sequence-classification",
+            "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
+                     "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
+            "steps": steps,
+            "bench": {"runs": 10, "warmup": 1, "real_length_samples": 2, "seq_len": 16},
+        }
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    return write
+
+
+@pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (clone the project beside ../shared)")

@@ -4,26 +4,17 @@ import json
 import re
 
 import pytest
-import yaml
 
 from compress.cli import main
 from compress.errors import RecipeError
 from compress.search import LADDERS, ladder
 
+FINETUNE = {"kind": "finetune", "batch_size": 16, "lr": 1e-3, "max_steps": 3}
+
 
 @pytest.fixture
-def recipe(tmp_path, tiny_bert_dir, sentiment_files) -> str:
-    raw = {
-        "model": str(tiny_bert_dir),
-        "task": "sequence-classification",
-        "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
-                 "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
-        "steps": [{"kind": "finetune", "batch_size": 16, "lr": 1e-3, "max_steps": 3}],
-        "bench": {"runs": 10, "warmup": 1, "real_length_samples": 2, "seq_len": 16},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+def recipe(write_recipe) -> str:
+    return write_recipe([FINETUNE])
 
 
 def test_the_ladders_go_from_quantization_to_pruning_to_distillation():

@@ -3,27 +3,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from compress.cli import main
 from compress.errors import RecipeError
 from compress.sweep import grid_points
 
+FINETUNE = {"kind": "finetune", "batch_size": 16, "lr": 1e-3, "max_steps": 3}
+
 
 @pytest.fixture
-def recipe(tmp_path, tiny_bert_dir, sentiment_files) -> str:
-    raw = {
-        "model": str(tiny_bert_dir),
-        "task": "sequence-classification",
-        "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
-                 "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
-        "steps": [{"kind": "finetune", "batch_size": 16, "lr": 1e-3, "max_steps": 3}, {"kind": "export"},
-                  {"kind": "ptq", "verify": {"max_metric_drop": 1.0, "min_agreement": 0.0}}],
-        "bench": {"runs": 10, "warmup": 1, "real_length_samples": 2, "seq_len": 16},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+def recipe(write_recipe) -> str:
+    return write_recipe([FINETUNE, {"kind": "export"},
+                         {"kind": "ptq", "verify": {"max_metric_drop": 1.0, "min_agreement": 0.0}}])
 
 
 def test_a_grid_is_every_combination_and_refused_over_max_runs():
@@ -49,6 +40,8 @@ def test_a_sweep_runs_shared_stages_once_and_reports_every_point(tmp_path, recip
     assert rows == ["00-finetune", "01-export", "02-ptq [steps.2.reduce_range=True]",
                     "02-ptq [steps.2.reduce_range=False]"]
     assert (out / "report.html").read_text().count("<svg") == 2
+    # On the tiny model both int8 graphs predict alike: one seed cannot rank them, and the report says so.
+    assert "02-ptq: the metric intervals of its 2 grid variants overlap" in (out / "report.md").read_text()
     # Run again: every stage of every point is reused, nothing computed.
     assert main(["-q", "sweep", recipe, "--out", str(out), "--grid", "steps.2.reduce_range=true,false"]) == 0
     assert "computed" not in capsys.readouterr().out
@@ -84,3 +77,16 @@ def test_seeds_run_every_combination_with_several_seeds(tmp_path, recipe, capsys
             "02-ptq [steps.2.reduce_range=True,seed=1]"} <= set(rows)
     assert main(["sweep", recipe, "--out", str(out), "--grid", "steps.2.reduce_range=true", "--seeds", "0"]) == 2
     assert "--seeds: at least 1" in capsys.readouterr().err
+
+
+def test_only_grid_variants_whose_intervals_overlap_are_called_undecided():
+    from compress.sweep import _undecided
+
+    def row(name: str, low: float, high: float) -> dict:
+        return {"name": name, "metric_delta_ci95": [low, high]}
+
+    apart = [row("03-ptq [a=1]", -0.05, -0.03), row("03-ptq [a=2]", -0.01, 0.01), row("00-finetune", 0.0, 0.0)]
+    assert _undecided(apart) == []
+    close = [row("03-ptq [a=1]", -0.02, 0.0), row("03-ptq [a=2]", -0.01, 0.01)]
+    assert _undecided(close) == ["03-ptq: the metric intervals of its 2 grid variants overlap, so one training run "
+                                 "does not rank them; --seeds 2 (or more) runs every point with more seeds."]
