@@ -88,5 +88,5 @@ def test_only_grid_variants_whose_intervals_overlap_are_called_undecided():
     apart = [row("03-ptq [a=1]", -0.05, -0.03), row("03-ptq [a=2]", -0.01, 0.01), row("00-finetune", 0.0, 0.0)]
     assert _undecided(apart) == []
     close = [row("03-ptq [a=1]", -0.02, 0.0), row("03-ptq [a=2]", -0.01, 0.01)]
-    assert _undecided(close) == ["03-ptq: the metric intervals of its 2 grid variants overlap, so one training run "
-                                 "does not rank them; --seeds 2 (or more) runs every point with more seeds."]
+    assert _undecided(close) == [("03-ptq: the metric intervals of its 2 grid variants overlap, so one training run "
+                                 "does not rank them; --seeds 2 (or more) runs every point with more seeds.")]
