@@ -144,11 +144,18 @@ def sweep() -> str:
             *(arg for grid in SWEEP_GRID for arg in ("--grid", grid)),
             "--set", "bench.runtimes=[torch, onnxruntime, openvino-bf16]"]
     subprocess.run([sys.executable, "-m", "compress.cli", "sweep", *args], check=True, cwd=ROOT)
-    record = json.loads((out / "sweep.json").read_text())
-    failed = [f"{point['name']}: failed its verification" for point in record["points"] if point["failed"]]
+    return sweep_section(out, args)
+
+
+def sweep_section(out: Path, args: list[str]) -> str:
+    from compress.sweep import undecided
+
+    record, results = (json.loads((out / name).read_text()) for name in ("sweep.json", "results.json"))
+    notes = [f"{point['name']}: failed its verification: {point['failed']}" for point in record["points"]
+             if point["failed"]]
     return _section("Sweep: the quickstart over dynamic int8's reduce_range × per_channel",
-                    f"python benchmarks/run.py sweep   # = compress sweep {shlex.join(args)}",
-                    json.loads((out / "results.json").read_text()), failed)
+                    f"python benchmarks/run.py sweep   # = compress sweep {shlex.join(args)}", results,
+                    [*notes, *undecided(results["rows"])])
 
 
 def search() -> str:

@@ -137,12 +137,12 @@ def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: 
               "report.")]
     notes += [f"{name}: not benchmarked, it failed verification: {error}" for name, error in failed.items()]
     if seeds == 1:
-        notes += _undecided(results["rows"])
+        notes += undecided(results["rows"])
     write_results(results, out, notes=notes, command=command)
     return results
 
 
-def _undecided(rows: list[dict]) -> list[str]:
+def undecided(rows: list[dict]) -> list[str]:
     """Grid variants of one stage whose intervals against the baseline overlap: one seed does not rank them."""
     groups: dict[str, list[dict]] = {}
     for row in rows:

@@ -79,14 +79,14 @@ def test_seeds_run_every_combination_with_several_seeds(tmp_path, recipe, capsys
     assert "--seeds: at least 1" in capsys.readouterr().err
 
 
-def test_only_grid_variants_whose_intervals_overlap_are_called_undecided():
-    from compress.sweep import _undecided
+def test_only_grid_variants_whose_intervals_overlap_are_calledundecided():
+    from compress.sweep import undecided
 
     def row(name: str, low: float, high: float) -> dict:
         return {"name": name, "metric_delta_ci95": [low, high]}
 
     apart = [row("03-ptq [a=1]", -0.05, -0.03), row("03-ptq [a=2]", -0.01, 0.01), row("00-finetune", 0.0, 0.0)]
-    assert _undecided(apart) == []
+    assert undecided(apart) == []
     close = [row("03-ptq [a=1]", -0.02, 0.0), row("03-ptq [a=2]", -0.01, 0.01)]
-    assert _undecided(close) == [("03-ptq: the metric intervals of its 2 grid variants overlap, so one training run "
+    assert undecided(close) == [("03-ptq: the metric intervals of its 2 grid variants overlap, so one training run "
                                  "does not rank them; --seeds 2 (or more) runs every point with more seeds.")]

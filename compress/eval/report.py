@@ -79,8 +79,8 @@ def _gains_section(rows: list[dict]) -> list[str]:
              ("Each row against the row it was made from on the same runtime ('From'), from this benchmark's own "
              "measurements:"), ""]
     return lines + ([f"- **{line}**" for line in found] or
-                    [("- every row is at least as fast (within the rounds' spread) and as small as the row it was "
-                     "made from.")])
+                    [("- every row with a 'From' is at least as fast (within the rounds' spread) and as small as "
+                      "the row it was made from.")])
 
 
 def effect_line(effect: dict) -> str:
