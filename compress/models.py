@@ -59,7 +59,11 @@ def resolve(spec: str, trust_remote_code: bool = False) -> Path | str:
     if spec in EMBEDDED:
         return _embedded_dir(spec, EMBEDDED[spec])
     path = Path(spec).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as err:  # a name no filesystem holds (too long, say)
+        raise ModelLoadError(f"model: {spec[:80]!r}… is neither a directory nor a hub id ({err.strerror})") from None
+    if exists:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model: {path} is not a Hugging Face model directory (no config.json)")
         return path

@@ -75,7 +75,7 @@ class DataConfig(Strict):
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # carved from train (seeded) when `eval` is absent
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # carved from train when `validation` is absent
     validation_max_rows: PositiveInt = 2000
-    labels: list[str] | None = None  # declared label names, in id order; inferred from train otherwise
+    labels: list[str] | None = Field(None, min_length=2)  # label names in id order; inferred from train otherwise
     max_length: PositiveInt = 128  # classification: truncation; causal LM: context length
     stride: PositiveInt | None = None  # causal LM perplexity window step (default: max_length)
     max_eval_tokens: PositiveInt | None = 16384  # causal LM: token cap for perplexity
@@ -433,7 +433,8 @@ class PruneStep(Step):
     ranking: Literal["global", "per_layer"] = "global"  # magnitude, l1: one threshold, or one per layer
     schedule: Literal["oneshot", "gradual"] = "oneshot"  # magnitude: all at once, or rising during `recover`
     gradual: GradualSchedule = GradualSchedule()
-    nm: tuple[PositiveInt, PositiveInt] | None = None  # [N, M]: N of every M consecutive inputs stay (2:4)
+    # [N, M]: N of every M consecutive inputs stay (2:4). YAML writes it as a list: read as a tuple.
+    nm: tuple[PositiveInt, PositiveInt] | None = Field(None, strict=False)
     variant: Literal["hard", "soft"] = "hard"  # movement: top scores per layer, or one threshold + penalty
     scores_lr: float = Field(1e-2, gt=0, lt=1)  # movement: the scores' own gradient-descent step size
     lambda_: float = Field(0.0, ge=0, alias="lambda")  # l1: penalty on mean |w|; movement soft: on sigmoid(S)
@@ -599,8 +600,12 @@ class Recipe(Strict):
         if base is None:
             return value
         local = Path(base) / Path(value).expanduser()
+        try:
+            beside = local.exists()
+        except OSError as err:  # a name no filesystem holds (too long, say)
+            raise ValueError(f"not a usable path, alias or hub id ({err.strerror})") from None
         # An explicit path, or one that exists beside the recipe; anything else is an alias or a hub id.
-        return str(local.resolve()) if value.startswith((".", "/", "~")) or local.exists() else value
+        return str(local.resolve()) if value.startswith((".", "/", "~")) or beside else value
 
     @model_validator(mode="after")
     def _coherent(self) -> Recipe:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,27 @@ from pydantic import ValidationError
 
 from compress.errors import RecipeError
 from compress.recipe import STEP_CLASSES, Recipe, nested_models
+
+
+class RecipeYamlLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (which of them was meant?) and reading
+    `1e-4` as the number YAML 1.2 and every user mean by it (YAML 1.1 wants `1.0e-4`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
+                                                        key_node.start_mark)
+            if key in seen and key != "<<":
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+RecipeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -24,9 +46,11 @@ def read_raw(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=RecipeYamlLoader)  # a SafeLoader
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with at least 'model', 'task' and 'data'")
     return raw
@@ -57,7 +81,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _yaml_value(text: str) -> Any:
     """`2` is an int and `[1, 2]` a list; text YAML cannot parse (`@01-export`) stays the string it is."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=RecipeYamlLoader)  # a SafeLoader
     except yaml.YAMLError:
         return text
 

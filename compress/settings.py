@@ -22,7 +22,8 @@ from compress.sysinfo import machine_info
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a recipe's `seed: false` or `epochs: "3"` is the wrong kind of value, not one to convert
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # A field holding a model reference: "@input", an earlier stage ("@00-finetune", "@finetune") or a model spec
@@ -167,7 +168,7 @@ class KDLoss(Strict):
     relation_weight: float = Field(0.0, ge=0)  # MiniLM self-attention relations (last blocks); any head counts
     relation_heads: PositiveInt | None = None  # heads the relations are split into; default: the student's
     # (student, teacher) hidden-state indices, 0 = embeddings; default: uniform over the depths
-    layer_map: list[tuple[NonNegativeInt, NonNegativeInt]] | None = None
+    layer_map: list[tuple[NonNegativeInt, NonNegativeInt]] | None = Field(None, strict=False)  # YAML pairs are lists
 
     @property
     def reads_labels(self) -> bool:
