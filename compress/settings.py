@@ -168,7 +168,7 @@ class KDLoss(Strict):
     relation_weight: float = Field(0.0, ge=0)  # MiniLM self-attention relations (last blocks); any head counts
     relation_heads: PositiveInt | None = None  # heads the relations are split into; default: the student's
     # (student, teacher) hidden-state indices, 0 = embeddings; default: uniform over the depths
-    layer_map: list[tuple[NonNegativeInt, NonNegativeInt]] | None = Field(None, strict=False)  # YAML pairs are lists
+    layer_map: list[Annotated[tuple[NonNegativeInt, NonNegativeInt], Field(strict=False)]] | None = None  # YAML: lists
 
     @property
     def reads_labels(self) -> bool:
