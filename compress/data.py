@@ -109,7 +109,8 @@ def read_table(src: DataSource, where: str, classify: bool, labelled: bool = Tru
         wanted["label"] = src.label
     missing = [column for column in wanted.values() if column not in table.column_names]
     if missing:
-        raise DataError(f"{where}: {name} has no column {missing[0]!r} (columns: {', '.join(table.column_names)})")
+        raise DataError(f"{where}: {name} has no column {missing[0]!r} (columns: {', '.join(table.column_names)})"
+                        + _delimiter_hint(table.column_names, where))
     table = table.select_columns(list(wanted.values()))
     table = table.rename_columns({v: k for k, v in wanted.items() if k != v})
     if src.limit:
@@ -137,7 +138,8 @@ def _read_file(src: DataSource, where: str, rows_are_lines: bool) -> Any:
                             sample_by="line" if rows_are_lines else "document")
     if kind == "json":
         return load_dataset("json", data_files=str(path), split="train")
-    options: dict[str, Any] = {"sep": "\t" if kind == "tsv" else ",", "keep_default_na": False}
+    _check_utf8(path, where)
+    options: dict[str, Any] = {"sep": src.delimiter or ("\t" if kind == "tsv" else ","), "keep_default_na": False}
     if kind == "tsv":
         options["quoting"] = csv.QUOTE_NONE  # TSV text keeps its quote characters
     if src.columns:
@@ -148,6 +150,26 @@ def _read_file(src: DataSource, where: str, rows_are_lines: bool) -> Any:
         if "corresponds to no data" in str(err):
             raise DataError(f"{where}: {path} has no rows") from None
         raise DataError(f"{where}.path: {path} could not be read as {kind}: {str(err).splitlines()[0]}") from None
+
+
+def _check_utf8(path: Path, where: str) -> None:
+    """A table in another encoding is named with the row of its first foreign byte, before the csv reader fails
+    on it less helpfully."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        row = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{where}.path: {path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {row}); "
+                        "save it as UTF-8") from None
+
+
+def _delimiter_hint(columns: list[str], where: str) -> str:
+    """When the one column read holds another separator, the file is likely separated by that one."""
+    if len(columns) != 1:
+        return ""
+    found = next((sep for sep in (",", "\t", ";", "|") if sep in columns[0]), None)
+    return f"; it looks {found!r}-separated: set {where}.delimiter: {found!r}" if found else ""
 
 
 def _read_hub(src: DataSource, where: str) -> Any:

@@ -49,6 +49,7 @@ class DataSource(Strict):
     text_pair: str | None = None  # second text column, for sentence pairs
     label: str | None = "label"  # column holding the label (classification); null: unlabelled rows
     columns: list[str] | None = None  # names for a header-less csv/tsv, in file order
+    delimiter: Literal[",", "\t", ";", "|"] | None = None  # a csv/tsv's separator; default: from its extension
     limit: PositiveInt | None = None  # keep only the first N rows
 
     @field_validator("path")

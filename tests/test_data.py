@@ -152,3 +152,27 @@ def test_unlabelled_training_rows_take_their_label_names_from_eval(tmp_path, sen
     assert len(data.train) + len(data.validation) == 20  # one row per line
     with pytest.raises(DataError, match="no source has labels; declare their names in data.labels"):
         load_task_data(config(train={"path": str(unlabelled), "label": None}), CLS)
+
+
+def test_a_file_in_another_encoding_is_named_with_its_line(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_bytes("sentence\tlabel\nfine\t1\ncafé good\t1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"data.eval.path: .*dev.tsv is not UTF-8 text \(byte 0xe9 on line 3\)"):
+        load_task_data(config(eval={"path": str(path), "text": "sentence"}), CLS)
+
+
+def test_a_delimiter_other_than_the_extension_says_is_suggested_and_can_be_set(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text("sentence,label\nfine,1\nbad,0\n")
+    with pytest.raises(DataError, match=r"it looks ','-separated: set data.eval.delimiter: ','"):
+        load_task_data(config(eval={"path": str(path), "text": "sentence"}), CLS)
+    data = load_task_data(config(eval={"path": str(path), "text": "sentence", "delimiter": ","}), CLS)
+    assert data.eval["text"] == ["fine", "bad"]
+
+
+def test_messy_tsv_rows_read_as_written(tmp_path):
+    """A byte-order mark, blank lines and an unbalanced quote inside a field (real GLUE files have them)."""
+    path = tmp_path / "dev.tsv"
+    path.write_text("\ufeffsentence\tlabel\n\"a quote that never closes\t1\n\nbad\t0\n\ngood\t1\n")
+    data = load_task_data(config(eval={"path": str(path), "text": "sentence"}), CLS)
+    assert data.eval["text"] == ['"a quote that never closes', "bad", "good"]
