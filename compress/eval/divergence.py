@@ -10,7 +10,6 @@ difference starts, not a block that merely carries it.
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from compress.eval.runners import OrtRunner, TorchRunner
 from compress.settings import FloatTolerance
 
 SKIPPED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Concat", "Reshape", "Cast"}
@@ -109,10 +109,8 @@ def _module_outputs(model: Any, features: dict[str, np.ndarray]) -> dict[str, np
         return hook
 
     handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
-    accepted = set(inspect.signature(model.forward).parameters)
     try:
-        with torch.inference_mode():
-            model(**{key: torch.from_numpy(value) for key, value in features.items() if key in accepted})
+        TorchRunner(model).logits(features)  # the inputs the bench feeds, on the model's device
     finally:
         for handle in handles:
             handle.remove()
@@ -134,8 +132,6 @@ def _scope_outputs(proto: Any) -> dict[str, tuple[str, str]]:
 def _graph_values(proto: Any, names: list[str], features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The graph run with `names` exposed as extra outputs."""
     import onnx
-
-    from compress.eval.runners import OrtRunner
 
     declared = {output.name for output in proto.graph.output}
     for name in dict.fromkeys(names):
