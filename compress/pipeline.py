@@ -382,6 +382,22 @@ def bench_stages(plan: list[PlannedStage], stages: list[Stage], reference: str) 
     return found
 
 
+def bench_on_split(recipe: Recipe, stages: list[BenchStage], baseline: str, cfg: Any, split: str = "eval",
+                   quiet: bool = False) -> dict[str, Any]:
+    """Stages made outside one run (a sweep's points, a search's rungs) benchmarked together on the recipe's
+    `split`, each on the runtimes `cfg` lists."""
+    from transformers import AutoTokenizer
+
+    from compress.eval.bench import on_targets, run_bench
+    from compress.eval.targets import check_targets
+
+    data = load_task_data(recipe.data, recipe.task, recipe.seed)
+    evals = build_eval_set(data, AutoTokenizer.from_pretrained(stages[0].directory), recipe.data, split)
+    results = run_bench(on_targets(stages, check_targets(cfg.runtimes)), evals, cfg, baseline, quiet=quiet)
+    results["data"] |= {**evals.meta, **data.notes}
+    return results
+
+
 def sparse_speed_note(names: list[str]) -> str:
     """Unstructured zeros: say where they pay and where they do not, beside the latency that shows it."""
     return (f"{', '.join(names)}: zeros inside dense matrices (unstructured sparsity). PyTorch and ONNX Runtime's "

@@ -118,19 +118,14 @@ def _without_bench(recipe: Any) -> Any:
 
 def _bench(base: Any, directories: dict[str, Path], kinds: dict[str, dict], split: str, settings: dict,
            quiet: bool, out: Path | None = None, notes: list[str] = ()) -> dict:
-    from transformers import AutoTokenizer
-
-    from compress.data import build_eval_set, load_task_data
-    from compress.eval.bench import BenchStage, on_targets, run_bench
+    from compress.eval.bench import BenchStage
     from compress.eval.report import write_results
-    from compress.eval.targets import check_targets
+    from compress.pipeline import bench_on_split
     from compress.settings import BenchConfig
 
     cfg = BenchConfig(**{**base.bench.model_dump(), **settings, "enabled": True})
-    data = load_task_data(base.data, base.task, base.seed)
-    evals = build_eval_set(data, AutoTokenizer.from_pretrained(directories["base"]), base.data, split)
     stages = [BenchStage(name, directory, Kind.from_json(kinds[name]), None) for name, directory in directories.items()]
-    results = run_bench(on_targets(stages, check_targets(cfg.runtimes)), evals, cfg, "base", quiet=quiet)
+    results = bench_on_split(base, stages, "base", cfg, split, quiet)
     if out is not None:
         write_results(results, out, notes=notes)
     return results

@@ -101,13 +101,9 @@ def run_sweep(recipe_path: Path, grid: list[str], out: Path, overrides: list[str
 
 def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: dict[str, list[dict]],
            failed: dict[str, str], out: Path, quiet: bool, command: str | None, seeds: int) -> dict:
-    from transformers import AutoTokenizer
-
-    from compress.data import build_eval_set, load_task_data
-    from compress.eval.bench import BenchStage, on_targets, run_bench
+    from compress.eval.bench import BenchStage
     from compress.eval.report import write_results
-    from compress.eval.targets import check_targets
-    from compress.pipeline import Stage, bench_stages
+    from compress.pipeline import Stage, bench_on_split, bench_stages
 
     names = _row_names(points, outcomes)
     rows: dict[str, BenchStage] = {}
@@ -126,11 +122,7 @@ def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: 
             parent = None if found.parent is None else names[keys[found.parent]]
             rows.setdefault(row, BenchStage(row, found.directory, found.kind, parent))
         reference = reference or names[keys[planned_reference.name]]
-    variants = on_targets(list(rows.values()), check_targets(recipe.bench.runtimes))
-    data = load_task_data(recipe.data, recipe.task, recipe.seed)
-    evals = build_eval_set(data, AutoTokenizer.from_pretrained(next(iter(rows.values())).directory), recipe.data)
-    results = run_bench(variants, evals, recipe.bench, reference, quiet=quiet)
-    results["data"] |= {**evals.meta, **data.notes}
+    results = bench_on_split(recipe, list(rows.values()), reference, recipe.bench, quiet=quiet)
     results["sweep"] = {"grid": [point.values for point in points], "failed": failed}
     notes = [(f"Sweep over {len(points) + len(failed)} points; a stage all points share keeps its name, one that "
               "differs carries the grid values it was made with. Each point's stages: points/<values>/ beside this "
