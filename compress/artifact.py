@@ -100,7 +100,7 @@ class Artifact:
             model = _load_quantized(directory, manifest["task"], kind)
         elif kind.format == "torch":
             dtype = TORCH_DTYPES.get(kind.weights, "float32")
-            model = auto_class(manifest["task"]).from_pretrained(directory, dtype=dtype).eval()
+            model = auto_class(manifest["task"]).from_pretrained(directory, dtype=dtype, use_safetensors=True).eval()
         else:
             onnx_path = directory / GRAPH
         return cls(

@@ -20,6 +20,7 @@ from typing import Any
 from compress import __version__
 from compress.arch import TASKS, is_text_stream
 from compress.errors import ArtifactError, CompressError, GateFailed, UsageError
+from compress.rundir import output_errors
 
 log = logging.getLogger("compress")
 LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     _quiet_libraries()
     try:
-        return args.handler(args) or 0
+        with output_errors(getattr(args, "out", None) or Path.cwd()):
+            return args.handler(args) or 0
     except CompressError as err:
         print(f"error: {_one_line(str(err)) if not isinstance(err, GateFailed) else err}", file=sys.stderr)
         return err.exit_code
@@ -181,7 +183,7 @@ def _validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
-    models.resolve(recipe.model, recipe.trust_remote_code)
+    models.resolve(recipe.model)
     stream = is_text_stream(recipe.task)  # one text each: its size is in characters, not rows
     counts = [(sum(map(len, table["text"])) if stream else len(table), name)
               for name, table in (("train", data.train), ("validation", data.validation), ("eval", data.eval))

@@ -1,7 +1,7 @@
 """Every failure a user can cause has a type here, and every type knows its exit code.
 
 Exit codes: 0 ok, 1 internal error (anything not listed here), 2 bad input, 3 verification failed, 4 a regression
-gate failed (`compress gate`).
+gate failed (`compress gate`), 5 the output could not be written (disk full, read-only).
 """
 
 
@@ -76,3 +76,9 @@ class GateFailed(CompressError):
     """`compress gate`: the candidate lost more than allowed, beyond what noise explains."""
 
     exit_code = 4
+
+
+class WriteError(CompressError):
+    """The output directory stopped taking writes: full, read-only, no permission. Finished stages stay whole."""
+
+    exit_code = 5

@@ -17,6 +17,8 @@ from compress.artifact import Artifact
 from compress.errors import MissingPackageError, ModelLoadError, OfflineError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Weight files `torch.load` unpickles: loading one can run arbitrary code.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
 
 
-def resolve(spec: str, trust_remote_code: bool = False) -> Path | str:
+def resolve(spec: str) -> Path | str:
     """A local directory for aliases and paths; the hub id itself when it is one (checked for reachability)."""
     if spec in EMBEDDED:
         return _embedded_dir(spec, EMBEDDED[spec])
@@ -73,13 +75,21 @@ def resolve(spec: str, trust_remote_code: bool = False) -> Path | str:
     return spec
 
 
-def load(spec: str, task: str, label_names: list[str] | None = None, trust_remote_code: bool = False,
-         seed: int = 0) -> Loaded:
+def load(spec: str, task: str, label_names: list[str] | None = None, seed: int = 0,
+         trust_remote_code: bool = False, allow_pickle: bool = False) -> Loaded:
+    """Loads safetensors weights only, unless `allow_pickle`; runs a model's own code only if `trust_remote_code`.
+
+    A directory whose config, weights and tokenizer do not belong together is refused, not patched up with
+    randomly initialised layers.
+    """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
-    source = resolve(spec, trust_remote_code)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    source = resolve(spec)
+    if isinstance(source, Path) and not allow_pickle:
+        _refuse_pickle_only(source)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     if not is_text_stream(task) and label_names:
         kwargs |= {
             "num_labels": len(label_names),
@@ -89,14 +99,69 @@ def load(spec: str, task: str, label_names: list[str] | None = None, trust_remot
     torch.manual_seed(seed)  # a new head is initialised the same way on every run
     try:
         model, info = auto_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except SafetensorError as err:
+        raise ModelLoadError(f"model: the weights in {spec} are not a whole safetensors file (truncated or "
+                             f"corrupt: {err})") from None
+    except RuntimeError as err:  # size mismatches: the config describes other shapes than the weights have
+        raise ModelLoadError(f"model: config.json in {spec} does not match its weights: "
+                             f"{_first_line(err, 'size mismatch')}") from None
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"model: cannot load {spec!r} as {task}: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"model: cannot load {spec!r} as {task}: {_first_line(err)}{_remote_code_hint(err)}") \
+            from None
+    _check_weights_cover_config(spec, model, info)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:  # TypeError: no tokenizer file at all
+        raise ModelLoadError(f"model: no usable tokenizer in {spec} ({_first_line(err)})") from None
+    _check_tokenizer_fits(spec, model, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return Loaded(spec, task, model.eval(), tokenizer, source, new_head=bool(info["missing_keys"]))
+
+
+def _refuse_pickle_only(directory: Path) -> None:
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(path.name for pattern in PICKLE_WEIGHTS for path in directory.glob(pattern))
+    if pickled:
+        raise ModelLoadError(f"model: {directory} holds only pickle weights ({', '.join(pickled[:3])}), which can run "
+                             "code when loaded; convert them to safetensors, or set allow_pickle: true in the recipe "
+                             "if you trust where they came from")
+
+
+def _check_weights_cover_config(spec: str, model: Any, info: dict[str, list[str]]) -> None:
+    """Only the task head may be new; a body weight missing or left over means config and weights disagree."""
+    def in_body(key: str) -> bool:  # a base-model checkpoint names its weights without the prefix
+        first = key.split(".")[0]
+        return first == model.base_model_prefix or first in dict(model.base_model.named_children())
+
+    missing = [key for key in info["missing_keys"] if in_body(key)]
+    unused = [key for key in info["unexpected_keys"] if in_body(key)]
+    if missing:
+        raise ModelLoadError(f"model: config.json in {spec} does not match its weights: {len(missing)} weights the "
+                             f"config asks for are not in the checkpoint (first: {missing[0]})")
+    if unused:
+        raise ModelLoadError(f"model: config.json in {spec} does not match its weights: the checkpoint holds "
+                             f"{len(unused)} weights the config has no place for (first: {unused[0]})")
+
+
+def _check_tokenizer_fits(spec: str, model: Any, tokenizer: Any) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelLoadError(f"model: the tokenizer in {spec} has {len(tokenizer):,} tokens but the model embeds "
+                             f"only {rows:,}: they do not belong together")
+
+
+def _first_line(err: BaseException, containing: str = "") -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if containing in line), lines[0] if lines else type(err).__name__)
+
+
+def _remote_code_hint(err: BaseException) -> str:
+    return "; set trust_remote_code: true in the recipe if you trust its code" if "trust_remote_code" in str(err) \
+        else ""
 
 
 def _embedded_dir(alias: str, embedded: Embedded) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -42,6 +43,7 @@ from compress.rundir import (
     atomic_write_json,
     atomic_write_text,
     code_fingerprint,
+    output_errors,
     replace_dir,
     sweep_leftovers,
     verify_files,
@@ -82,7 +84,7 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
     extra = baseline_export(plan, reference)
     check_out(out, overwrite)
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
-    models.resolve(recipe.model, recipe.trust_remote_code)  # fail on a bad model before writing anything
+    models.resolve(recipe.model)  # fail on a bad model before writing anything
     ranks = Ranks()
     runner = _StageRunner(recipe, out, data, quiet, used_as_input(plan) | {reference.name}, ranks, stage_store)
     if not ranks.main:  # trains alongside rank 0, which alone locks, writes and benchmarks
@@ -104,7 +106,8 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
             results = _run(runner, plan, reference, extra, manifest, command)
         except BaseException as err:
             manifest |= {"status": "failed", "finished": _now(), "error": f"{type(err).__name__}: {err}"}
-            atomic_write_json(out / RUN_MANIFEST, manifest)
+            with contextlib.suppress(OSError):  # a full disk may refuse this record too: the error says more
+                atomic_write_json(out / RUN_MANIFEST, manifest)
             raise
         manifest |= {"status": "complete", "finished": _now()}
         atomic_write_json(out / RUN_MANIFEST, manifest)
@@ -151,8 +154,8 @@ class _StageRunner:
 
     def base(self) -> Stage:
         started = time.perf_counter()
-        loaded = models.load(self.recipe.model, self.recipe.task, self.data.label_names,
-                             self.recipe.trust_remote_code, self.recipe.seed)
+        loaded = models.load(self.recipe.model, self.recipe.task, self.data.label_names, self.recipe.seed,
+                             **self.recipe.load_trust)
         check_lengths(loaded.model.config, self.recipe)
         artifact = loaded.artifact()
         self.new_head = loaded.new_head
@@ -197,15 +200,16 @@ class _StageRunner:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
         try:
-            artifact = compute(self._context(name, key, scratch, planned))
+            with output_errors(self.out, name):
+                artifact = compute(self._context(name, key, scratch, planned))
+                _check_kind(planned, artifact.kind)
+                seconds = round(time.perf_counter() - started, 2)
+                if self.ranks.main:
+                    self._save(planned, key, artifact, scratch, seconds)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)  # a failed stage leaves nothing (its checkpoints stay)
             raise
-        _check_kind(planned, artifact.kind)
-        seconds = round(time.perf_counter() - started, 2)
-        if self.ranks.main:
-            self._save(planned, key, artifact, scratch, seconds)
-        else:
+        if not self.ranks.main:
             shutil.rmtree(scratch)
         self.ranks.wait()
         return Stage(name, planned.input, key, final, "computed", seconds, artifact.kind)
@@ -248,8 +252,8 @@ class _StageRunner:
         if ref in planned.stage_refs:
             return self._artifact(planned.stage_refs[ref])
         if ref not in self.specs:
-            self.specs[ref] = models.load(ref, self.recipe.task, self.data.label_names,
-                                          self.recipe.trust_remote_code, self.recipe.seed).artifact()
+            self.specs[ref] = models.load(ref, self.recipe.task, self.data.label_names, self.recipe.seed,
+                                          **self.recipe.load_trust).artifact()
         return self.specs[ref]
 
     def _ref_key(self, ref: str, planned: PlannedStage) -> str:

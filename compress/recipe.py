@@ -593,6 +593,7 @@ class Recipe(Strict):
     bench: BenchConfig = BenchConfig()
     seed: int = 0
     trust_remote_code: bool = False  # never run a model's own code unless asked
+    allow_pickle: bool = False  # weights from safetensors only: unpickling a checkpoint can run code
 
     @field_validator("model")
     @classmethod
@@ -607,6 +608,11 @@ class Recipe(Strict):
             raise ValueError(f"not a usable path, alias or hub id ({err.strerror})") from None
         # An explicit path, or one that exists beside the recipe; anything else is an alias or a hub id.
         return str(local.resolve()) if value.startswith((".", "/", "~")) or beside else value
+
+    @property
+    def load_trust(self) -> dict[str, bool]:
+        """What loading this recipe's models may do beyond reading safetensors and JSON: the user's own say."""
+        return {"trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle}
 
     @model_validator(mode="after")
     def _coherent(self) -> Recipe:

@@ -6,22 +6,31 @@ Pure stdlib (plus compress.artifact's hashing), so the pipeline can use it befor
 from __future__ import annotations
 
 import ast
+import errno
 import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from compress.artifact import sha256_file
-from compress.errors import OutDirError
+from compress.errors import OutDirError, WriteError
 
 LOCK = ".lock"
 LEFTOVER_SUFFIXES = (".partial", ".old")
+# A write failed for want of room or of permission to write, whichever library did it.
+FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+DENIED = {errno.EACCES, errno.EPERM}
+# Libraries written in Rust or C++ (safetensors, onnx) report the OS error inside their own message.
+OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
 # The packages whose code decides what a stage computes; a change anywhere else (reports, CLI) does not.
 ALGORITHM_MODULES = ("compress.passes", "compress.algos", "compress.export", "compress.train",
                      "compress.loaders")
@@ -52,6 +61,36 @@ class RunLock:
         # The file stays: unlinking it would let a new run lock a fresh inode while another holds the old one.
         os.close(self._fd)
         self._fd = None
+
+
+@contextmanager
+def output_errors(out: Path, stage: str = "") -> Iterator[None]:
+    """Turns a write the output refused (disk full, read-only, permission) into a WriteError naming it (and the
+    stage being written, when given)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as err:
+        failure = write_failure(err, Path(out), stage)
+        if failure is None:
+            raise
+        raise failure from err
+
+
+def write_failure(err: BaseException, out: Path, stage: str = "") -> WriteError | None:
+    """The WriteError `err` amounts to, or None when it is no failed write under `out` (a bad read, a bug)."""
+    code, target = getattr(err, "errno", None), getattr(err, "filename", None)
+    if code is None:
+        found = OS_ERROR_IN_MESSAGE.search(str(err))
+        code = int(found.group(1) or found.group(2)) if found else None
+    inside = target is None or Path(out).resolve() in (Path(target).resolve(), *Path(target).resolve().parents)
+    if code in FULL_OR_READ_ONLY or (code in DENIED and target is not None and inside):
+        where = target or out
+        return WriteError(f"--out: {f'{stage}: ' if stage else ''}cannot write {where}: {os.strerror(code)}; the "
+                          "stages finished before it are kept "
+                          "and a re-run resumes from the first unfinished one")
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
