@@ -6,12 +6,17 @@
     artifact = compress.Artifact.load("runs/qs/02-ptq")
 """
 
+import os
 from importlib import import_module
 from typing import Any
 
 from compress.after_import import after_import
 
 __version__ = "0.1.0"
+
+# ONNX Runtime (1.29+) otherwise writes a device id under ~/.cache/Microsoft and a session file in the temporary
+# directory, and tries to send usage data, on the first session it creates. A user may set it to 0.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # Loaded on first use: `import compress` stays cheap, so an ONNX bench worker never pulls in torch.
 _PUBLIC = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from compress.errors import DataError, OfflineError
 from compress.evalset import EvalSet
 from compress.recipe import DataConfig, DataSource
 
+INTEGER = re.compile(r"-?\d+")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".txt": "text", ".raw": "text"}
 
 
@@ -119,7 +122,7 @@ def read_table(src: DataSource, where: str, classify: bool, labelled: bool = Tru
 
 
 def _read_file(src: DataSource, where: str, rows_are_lines: bool) -> Any:
-    from datasets import disable_progress_bars, load_dataset
+    from datasets import disable_progress_bars
 
     disable_progress_bars()  # a local table loads in a blink: a bar per file is only noise
     from datasets.exceptions import DatasetGenerationError
@@ -134,10 +137,9 @@ def _read_file(src: DataSource, where: str, rows_are_lines: bool) -> Any:
         raise DataError(f"{where}.path: {path} has an unknown extension (known: {', '.join(FORMATS)})")
     if kind == "text":
         # A text file holds one row per line for classification, one stream for a language model.
-        return load_dataset("text", data_files=str(path), split="train",
-                            sample_by="line" if rows_are_lines else "document")
+        return _load_local("text", path, sample_by="line" if rows_are_lines else "document")
     if kind == "json":
-        return load_dataset("json", data_files=str(path), split="train")
+        return _load_local("json", path)
     _check_utf8(path, where)
     options: dict[str, Any] = {"sep": src.delimiter or ("\t" if kind == "tsv" else ","), "keep_default_na": False}
     if kind == "tsv":
@@ -145,11 +147,21 @@ def _read_file(src: DataSource, where: str, rows_are_lines: bool) -> Any:
     if src.columns:
         options["column_names"] = src.columns
     try:
-        return load_dataset("csv", data_files=str(path), split="train", **options)
+        return _load_local("csv", path, **options)
     except (ValueError, DatasetGenerationError) as err:  # the csv reader's own error says which line is off
         if "corresponds to no data" in str(err):
             raise DataError(f"{where}: {path} has no rows") from None
         raise DataError(f"{where}.path: {path} could not be read as {kind}: {str(err).splitlines()[0]}") from None
+
+
+def _load_local(builder: str, path: Path, **options: Any) -> Any:
+    """datasets would keep an Arrow copy of the user's file under ~/.cache for good: build it in a scratch
+    directory instead, and hold the table in memory."""
+    from datasets import load_dataset
+
+    with tempfile.TemporaryDirectory(prefix="compress-data-") as scratch:
+        return load_dataset(builder, data_files=str(path), split="train", cache_dir=scratch, keep_in_memory=True,
+                            **options)
 
 
 def _check_utf8(path: Path, where: str) -> None:
@@ -201,6 +213,8 @@ def _encode_labels(table: Any, names: list[str], where: str, against_train: bool
     encoded = []
     for row, value in enumerate(list(table["label"])):
         key = str(value)
+        if isinstance(value, str) and key not in ids and INTEGER.fullmatch(value.strip()):
+            value = int(value)  # one non-numeric cell makes the csv reader read the whole column as text
         if isinstance(value, int) and not isinstance(value, bool) and key not in ids and 0 <= value < len(names):
             encoded.append(value)  # integer labels index a declared list of names
             continue

@@ -38,6 +38,7 @@ from compress.plan import (
 )
 from compress.ranks import Ranks
 from compress.recipe import Recipe, step_pass_module
+from compress.reproducibility import BIT_EXACT, files_digest, reproducibility
 from compress.rundir import (
     RunLock,
     atomic_write_json,
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("compress")
 RUN_FORMAT = "compress-run/2"
 RUN_MANIFEST = "manifest.json"
+NOT_IN_KEY = {"checkpoint_every"}
 GGUF_NOTE = ("smollm2-135m is dequantized from a Q4_1 GGUF: its 'fp32' weights lie on a 4-bit grid, so its "
              "int8 results need not match what int8 does to a model trained in full precision.")
 
@@ -72,6 +74,7 @@ class Stage:
     status: str
     seconds: float
     kind: Kind
+    reproducible: str = BIT_EXACT  # as recorded when it was computed (compress.reproducibility)
 
 
 def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool = False,
@@ -120,6 +123,7 @@ def _run(runner: _StageRunner, plan: list[PlannedStage], reference: PlannedStage
     stages = _compute_stages(runner, plan, extra)
     _remove_stale_stages(out, {stage.name for stage in stages})
     manifest["stages"] = [_stage_summary(stage) for stage in stages]
+    manifest["torch_threads"] = _torch_threads()  # bit-exact re-runs need as many threads: sums split by them
     atomic_write_json(out / RUN_MANIFEST, manifest)
     if not recipe.bench.enabled:
         return None
@@ -170,7 +174,7 @@ class _StageRunner:
     def step(self, planned: PlannedStage) -> Stage:
         step = planned.step
         module_name = step_pass_module(step)
-        settings = step.model_dump(mode="json", by_alias=True, exclude={"from_"})
+        settings = _what_computes(step.model_dump(mode="json", by_alias=True, exclude={"from_"}))
         refs = {field: self._ref_key(ref, planned) for field, ref in step.model_refs().items()}
         key = _hash(self.keys[planned.input], settings, step.key_facts(), refs, self.data.fingerprint,
                     library_versions(), compress.__version__, code_fingerprint(module_name))
@@ -212,7 +216,7 @@ class _StageRunner:
         if not self.ranks.main:
             shutil.rmtree(scratch)
         self.ranks.wait()
-        return Stage(name, planned.input, key, final, "computed", seconds, artifact.kind)
+        return Stage(name, planned.input, key, final, "computed", seconds, artifact.kind, self._reproducible())
 
     def _save(self, planned: PlannedStage, key: str, artifact: Artifact, partial: Path, seconds: float) -> None:
         name = planned.name
@@ -220,13 +224,17 @@ class _StageRunner:
             artifact.history[-1] = {**artifact.history[-1], "stage": name, "seconds": seconds}
         artifact.save(partial)
         atomic_write_json(partial / STAGE_RECORD, {"key": key, "input": planned.input, "seconds": seconds,
-                                                   "kind": artifact.kind.to_json()})
+                                                   "kind": artifact.kind.to_json(),
+                                                   "reproducible": self._reproducible()})
         replace_dir(partial, self.out / name)  # only a complete stage ever carries the final name
         if self.store is not None:
             _copy_stage(self.out / name, self.store / key)
         for checkpoints in self.out.glob(f".{name}.checkpoint-*"):
             shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("%s: computed in %.1f s", name, seconds)
+
+    def _reproducible(self) -> str:
+        return reproducibility(_device(), self.ranks.count)
 
     def _context(self, name: str, key: str, partial: Path, planned: PlannedStage) -> Context:
         checkpoint_dir = self.out / f".{name}.checkpoint-{key[:16]}"
@@ -262,9 +270,18 @@ class _StageRunner:
         return self._resolve(ref, planned).fingerprint
 
 
+def _what_computes(settings: Any) -> Any:
+    """The settings without those that cannot change a stage's files (a resumed run ends where an uninterrupted
+    one does), so adding checkpoints to a recipe reuses its stages."""
+    if isinstance(settings, dict):
+        return {name: _what_computes(value) for name, value in settings.items() if name not in NOT_IN_KEY}
+    return settings
+
+
 def _finished(planned: PlannedStage, key: str, directory: Path, status: str) -> Stage:
     record = json.loads((directory / STAGE_RECORD).read_text())
-    return Stage(planned.name, planned.input, key, directory, status, record["seconds"], Kind.from_json(record["kind"]))
+    return Stage(planned.name, planned.input, key, directory, status, record["seconds"], Kind.from_json(record["kind"]),
+                 record.get("reproducible", "not recorded (computed by an older compress)"))
 
 
 def _copy_stage(source: Path, target: Path) -> None:
@@ -414,7 +431,8 @@ def sparse_speed_note(names: list[str]) -> str:
 def _pass_record(stage: Stage) -> dict[str, Any]:
     """What the stage's pass recorded about itself, for the report's before/after section."""
     entry = read_manifest(stage.directory)["history"][-1]
-    return {"stage": stage.name, "pass": entry["kind"], "seconds": stage.seconds, "effect": entry.get("effect", {})}
+    return {"stage": stage.name, "input": stage.input, "pass": entry["kind"], "seconds": stage.seconds,
+            "effect": entry.get("effect", {})}
 
 
 def _sparsity_record(directory: Path) -> dict[str, Any] | None:
@@ -452,7 +470,8 @@ def _in_report_order(stages: list[Stage], reference: str) -> list[Stage]:
 
 def _stage_summary(stage: Stage) -> dict[str, Any]:
     return {"name": stage.name, "input": stage.input, "key": stage.key, "status": stage.status,
-            "seconds": stage.seconds, "kind": stage.kind.to_json()}
+            "seconds": stage.seconds, "kind": stage.kind.to_json(),
+            "files_sha256": files_digest(read_manifest(stage.directory)["files"]), "reproducible": stage.reproducible}
 
 
 def _remove_stale_stages(out: Path, keep: set[str]) -> None:
@@ -473,6 +492,12 @@ def _clear(out: Path) -> None:
         if path.name == ".lock":
             continue  # held by this run
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _device() -> str:

@@ -176,3 +176,16 @@ def test_messy_tsv_rows_read_as_written(tmp_path):
     path.write_text("\ufeffsentence\tlabel\n\"a quote that never closes\t1\n\nbad\t0\n\ngood\t1\n")
     data = load_task_data(config(eval={"path": str(path), "text": "sentence"}), CLS)
     assert data.eval["text"] == ['"a quote that never closes', "bad", "good"]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"\x00\x01\x02\xff\xfe binary\n", r"dev.tsv is not UTF-8 text \(byte 0xff on line 1\)"),
+    (b"sentence\tlabel\nfine\t1\nodd\tnan\n", r"label 'nan' \(row 2\) never occurs in the declared data.labels"),
+    (b"sentence\tlabel\nfine\t1\nodd\t\n", r"row 2"),
+    (b"sentence\tlabel\nfine\t1\nodd\t-1\n", r"label -1 \(row 2\) never occurs in the declared data.labels"),
+])
+def test_binary_files_and_missing_or_impossible_labels_name_the_row(tmp_path, content, expected):
+    path = tmp_path / "dev.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=expected):
+        load_task_data(config(eval={"path": str(path), "text": "sentence"}, labels=["negative", "positive"]), CLS)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from compress.eval.attribution import attribution_section
 from compress.eval.gains import losses
 from compress.eval.html import render_html
 from compress.eval.metrics import BOOTSTRAP_RESAMPLES
@@ -38,6 +39,9 @@ def render_report(results: dict, notes: list[str], command: str | None) -> str:
     lines += ["## Results", "", _method(results["bench"], results["baseline"], generation), ""]
     lines += _table(results["rows"], results["baseline"], generation)
     lines += ["", *_gains_section(results["rows"])]
+    attribution = attribution_section(results)
+    if attribution:
+        lines += ["", *attribution]
     if any(row.get("latency_by_shape") for row in results["rows"]):
         lines += ["", *_shapes_section(results["rows"])]
     if results.get("passes"):

@@ -120,4 +120,4 @@ def test_a_real_full_disk_then_room_again(recipe, tmp_path, capsys):
         assert main(["-q", "run", str(recipe), "--out", str(out)]) == 0
         assert all(f"{path.name}" in os.listdir(out) for path in finished)
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)  # sessions of this process may hold files
