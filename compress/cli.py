@@ -178,12 +178,14 @@ def _run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from compress import models
     from compress.data import load_task_data
+    from compress.depths import base_depth, check_depths
     from compress.plan import baseline, baseline_export, plan_stages
     from compress.recipe_loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
-    models.resolve(recipe.model)
+    stages = plan_stages(recipe.steps)
+    check_depths(stages, base_depth(models.resolve(recipe.model)))
     stream = is_text_stream(recipe.task)  # one text each: its size is in characters, not rows
     counts = [(sum(map(len, table["text"])) if stream else len(table), name)
               for name, table in (("train", data.train), ("validation", data.validation), ("eval", data.eval))
@@ -191,7 +193,6 @@ def _validate(args: argparse.Namespace) -> int:
     rows = " / ".join(f"{count:,} {name}" for count, name in counts) + (" characters" if stream else " rows")
     labels = f", labels: {', '.join(data.label_names)}" if data.label_names else ""
     print(f"{args.recipe}: ok ({recipe.task}, {rows}{labels})")
-    stages = plan_stages(recipe.steps)
     reference = baseline(stages, recipe.bench.baseline)
     extra = baseline_export(stages, reference)
     shown = [*stages, *([extra] if extra else [])]

@@ -23,6 +23,7 @@ from compress.arch import is_text_stream
 from compress.artifact import STAGE_RECORD, Artifact, read_manifest, tokenizer_fingerprint
 from compress.context import Context
 from compress.data import TaskData, build_eval_set, load_task_data
+from compress.depths import base_depth, check_depths
 from compress.errors import CompressError, OutDirError, RecipeError
 from compress.evalset import EvalSet
 from compress.kinds import Kind
@@ -87,7 +88,7 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
     extra = baseline_export(plan, reference)
     check_out(out, overwrite)
     data = load_task_data(recipe.data, recipe.task, recipe.seed)
-    models.resolve(recipe.model)  # fail on a bad model before writing anything
+    check_depths(plan, base_depth(models.resolve(recipe.model)))  # a bad model or student fails before any write
     ranks = Ranks()
     runner = _StageRunner(recipe, out, data, quiet, used_as_input(plan) | {reference.name}, ranks, stage_store)
     if not ranks.main:  # trains alongside rank 0, which alone locks, writes and benchmarks
@@ -273,8 +274,8 @@ class _StageRunner:
 def _what_computes(settings: Any) -> Any:
     """The settings without those that cannot change a stage's files (a resumed run ends where an uninterrupted
     one does), so adding checkpoints to a recipe reuses its stages."""
-    if isinstance(settings, dict):
-        return {name: _what_computes(value) for name, value in settings.items() if name not in NOT_IN_KEY}
+    if isinstance(settings, dict):  # kept as None, not dropped: keys of stages made without them stay as they were
+        return {name: None if name in NOT_IN_KEY else _what_computes(value) for name, value in settings.items()}
     return settings
 
 
