@@ -111,7 +111,8 @@ def _index(node: list, part: str, where: str, override: str) -> int:
 
 def describe(error: dict[str, Any]) -> str:
     """One pydantic error as `steps[0].epochz: unknown field; did you mean 'epochs'?`."""
-    loc = tuple(part for part in error["loc"] if not _is_step_tag(part))
+    raw = error["loc"]  # pydantic puts the step's kind after its index: steps, 0, "export", field
+    loc = tuple(part for i, part in enumerate(raw) if not (i and isinstance(raw[i - 1], int) and _is_step_tag(part)))
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     kind = error["type"]
     if kind == "extra_forbidden":

@@ -138,6 +138,7 @@ def test_the_same_recipe_twice_gives_the_same_files_and_says_so(reference, tmp_p
 def test_runs_killed_at_random_points_resume_to_the_uninterrupted_result(reference, tmp_path, capsys):
     path, uninterrupted, whole = reference
     startup = uninterrupted["startup_seconds"]
+    stages = [stage for stage in uninterrupted["stages"] if stage["status"] == "computed"]
     rng = random.Random(SEED)
     kills: list[str] = []
     runs = 0
@@ -147,7 +148,13 @@ def test_runs_killed_at_random_points_resume_to_the_uninterrupted_result(referen
         for _ in range(KILLS_BEFORE_FINISHING):
             victim = start(path, out)
             began = started(out, victim)
-            time.sleep(max(0.0, rng.uniform(0, whole - startup) - (time.monotonic() - began)))
+            stage = rng.choice(stages + [None])  # inside a stage mostly: they are short next to the start-up
+            if stage is None:
+                time.sleep(max(0.0, rng.uniform(0, whole - startup) - (time.monotonic() - began)))
+            else:
+                while not (out / f".{stage['name']}.partial").exists() and victim.poll() is None:
+                    time.sleep(0.002)
+                time.sleep(rng.uniform(0, stage["seconds"]))
             if victim.poll() is not None:  # it finished first: nothing left to interrupt
                 break
             where = in_progress(out)
