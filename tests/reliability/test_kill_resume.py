@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from compress.artifact import read_manifest
 from compress.plan import STAGE_NAME
@@ -46,16 +45,8 @@ STEPS = [
 
 
 @pytest.fixture(scope="module")
-def write_recipe(tmp_path_factory, tiny_bert_dir, sentiment_files):
-    def write(steps: list[dict]) -> Path:
-        path = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
-        path.write_text(yaml.safe_dump({
-            "model": str(tiny_bert_dir), "task": "sequence-classification",
-            "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
-                     "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
-            "steps": steps, "bench": {"enabled": False}}))
-        return path
-    return write
+def write_recipe(tmp_path_factory, tiny_recipe):
+    return lambda steps: tiny_recipe(tmp_path_factory.mktemp("recipe"), steps)
 
 
 @pytest.fixture(scope="module")

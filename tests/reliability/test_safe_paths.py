@@ -9,22 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from compress.errors import RecipeError
 from compress.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _recipe(tmp_path: Path, model: Path, files: dict[str, Path], steps: list[dict], bench: dict) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(model), "task": "sequence-classification",
-        "data": {"train": {"path": str(files["train"]), "text": "sentence"},
-                 "eval": {"path": str(files["dev"]), "text": "sentence"}, "max_length": 32},
-        "steps": steps, "bench": bench}))
-    return path
 
 
 @pytest.mark.parametrize("step", [
@@ -36,21 +25,19 @@ def _recipe(tmp_path: Path, model: Path, files: dict[str, Path], steps: list[dic
     {"kind": "export", "from": "@/tmp/elsewhere"},
     {"kind": "distill", "student": {"layers": [0]}, "teacher": "@../../base"},
 ])
-def test_names_and_stage_references_cannot_leave_the_run(step, tmp_path, tiny_bert_dir, sentiment_files):
+def test_names_and_stage_references_cannot_leave_the_run(step, tmp_path, tiny_recipe):
     with pytest.raises(RecipeError):
-        load_recipe(_recipe(tmp_path, tiny_bert_dir, sentiment_files, [step], {"enabled": False}))
+        load_recipe(tiny_recipe(tmp_path, [step]))
 
 
-def test_a_run_writes_nothing_outside_out_and_its_emptied_temporary_directory(tmp_path, tiny_bert_dir,
-                                                                             sentiment_files):
+def test_a_run_writes_nothing_outside_out_and_its_emptied_temporary_directory(tmp_path, tiny_recipe):
     steps = [{"kind": "finetune", "epochs": 1, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 3},
              {"kind": "export"}, {"kind": "ort-fuse"},
              {"kind": "ptq", "mode": "dynamic", "verify": {"max_metric_drop": 1.0, "min_agreement": 0.0}},
              {"kind": "ptq", "from": "@01-export", "mode": "static", "calibration": {"samples": 8},
               "verify": {"max_metric_drop": 1.0, "min_agreement": 0.0}}]
-    recipe = _recipe(tmp_path, tiny_bert_dir, sentiment_files, steps,
-                     {"runs": 10, "warmup": 1, "real_length_samples": 2, "seq_len": 16,
-                      "runtimes": ["torch", "onnxruntime"]})
+    recipe = tiny_recipe(tmp_path, steps, {"runs": 10, "warmup": 1, "real_length_samples": 2, "seq_len": 16,
+                                           "runtimes": ["torch", "onnxruntime"]})
     places = {name: tmp_path / name for name in ("cwd", "home", "tmp")}
     for place in places.values():
         place.mkdir()

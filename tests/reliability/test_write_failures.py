@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import pytest
-import yaml
 
 from compress import rundir
 from compress.artifact import Artifact, read_manifest
@@ -21,14 +20,8 @@ STEPS = [{"kind": "finetune", "epochs": 1, "batch_size": 16, "lr": 1e-3}, {"kind
 
 
 @pytest.fixture
-def recipe(tmp_path, tiny_bert_dir, sentiment_files):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(tiny_bert_dir), "task": "sequence-classification",
-        "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
-                 "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
-        "steps": STEPS, "bench": {"enabled": False}}))
-    return path
+def recipe(tmp_path, tiny_recipe):
+    return tiny_recipe(tmp_path, STEPS)
 
 
 def run(recipe, out, capsys) -> tuple[int, list[str]]:
