@@ -39,7 +39,7 @@ from compress.plan import (
 )
 from compress.ranks import Ranks
 from compress.recipe import Recipe, step_pass_module
-from compress.reproducibility import BIT_EXACT, files_digest, reproducibility
+from compress.reproducibility import files_digest, reproducibility
 from compress.rundir import (
     RunLock,
     atomic_write_json,
@@ -75,7 +75,7 @@ class Stage:
     status: str
     seconds: float
     kind: Kind
-    reproducible: str = BIT_EXACT  # as recorded when it was computed (compress.reproducibility)
+    reproducible: str  # as recorded when it was computed (compress.reproducibility)
 
 
 def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool = False,
@@ -169,7 +169,7 @@ class _StageRunner:
         self.keys[BASE] = key
         if loaded.new_head and self.recipe.steps and BASE not in self.needed_on_disk:
             self.in_memory[BASE] = artifact  # a fresh task head means nothing on its own: not worth a stage
-            return Stage(BASE, None, key, self.out / BASE, "skipped", 0.0, artifact.kind)
+            return Stage(BASE, None, key, self.out / BASE, "skipped", 0.0, artifact.kind, self._reproducible())
         return self._stage(PlannedStage(BASE, None, None, artifact.kind), key, lambda ctx: artifact, started)
 
     def step(self, planned: PlannedStage) -> Stage:

@@ -115,7 +115,7 @@ def _bench(recipe: Any, points: list[Point], recipes: dict[str, Any], outcomes: 
         extra = baseline_export(plan, planned_reference)
         directory = out / "points" / _slug(point)
         stages = [Stage(s["name"], s["input"], s["key"], directory / s["name"], s["status"], s["seconds"],
-                        Kind.from_json(s["kind"])) for s in outcomes[point.name]]
+                        Kind.from_json(s["kind"]), s["reproducible"]) for s in outcomes[point.name]]
         keys = {stage.name: stage.key for stage in stages}
         for found in bench_stages(plan + ([extra] if extra else []), stages, planned_reference.name):
             row = names[keys[found.name]]
