@@ -7,6 +7,8 @@ else the export made from it (the recipe's `export` step in the chain, or a bran
 
 from __future__ import annotations
 
+from compress.eval.metrics import metric_value
+
 
 def chain(passes: list[dict]) -> list[dict]:
     """The longest line of stages, each made from the one before (following each stage's input): the stacked
@@ -53,7 +55,8 @@ def _next_is_export(lineage: list[dict], index: int) -> bool:
 
 def attribution_section(results: dict) -> list[str]:
     """`## Where the gain came from`: a table per runtime the chain was measured on; empty for no chain."""
-    if len(chain(results.get("passes", []))) < 2:
+    lineage = chain(results.get("passes", []))
+    if len(lineage) < 2:
         return []
     reference = next((row for row in results["rows"] if row["name"] == results["baseline"]), None)
     if reference is None or "not_run" in reference:
@@ -65,7 +68,7 @@ def attribution_section(results: dict) -> list[str]:
         return []
     metric = reference["metric"]["name"]
     lines = ["## Where the gain came from", "",
-             (f"The chain of stages that made `{chain(results['passes'])[-1]['stage']}`, one row per technique, "
+             (f"The chain of stages that made `{lineage[-1]['stage']}`, one row per technique, "
               f"each on one runtime; ratios against `{reference['name']}` ({reference['target']}, "
               f"{reference['latency_ms']['p50']:.2f} ms) and against the row above, from this benchmark's "
               "fixed-length p50s."), ""]
@@ -87,14 +90,9 @@ def _line(entry: dict, reference: dict, previous: dict | None) -> str:
     p50 = row["latency_ms"]["p50"]
     step = "-" if previous is None else f"{previous['latency_ms']['p50'] / p50:.2f}x"
     return (f"| {entry['stage']} | {entry['technique']} | {p50:.2f} | {reference['latency_ms']['p50'] / p50:.2f}x | "
-            f"{step} | {_value(row)} | {_change(row, reference)} | "
+            f"{step} | {metric_value(row['metric'])} | {_change(row, reference)} | "
             f"{'-' if previous is None else _change(row, previous)} | {row['size_bytes'] / 2**20:.1f} | "
             f"{reference['size_bytes'] / row['size_bytes']:.1f}x |")
-
-
-def _value(row: dict) -> str:
-    metric = row["metric"]
-    return f"{metric['value']:.2%}" if metric["name"] == "accuracy" else f"{metric['value']:.2f}"
 
 
 def _change(row: dict, other: dict) -> str:

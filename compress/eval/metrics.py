@@ -153,3 +153,8 @@ def _bar(evalset: EvalSet, metric: str, progress: bool) -> tqdm:
 def metric_drop(reference: float, candidate: float, higher_is_better: bool) -> float:
     """Accuracy points lost (as a fraction), or a lower-is-better metric's relative rise (perplexity)."""
     return reference - candidate if higher_is_better else candidate / reference - 1
+
+
+def metric_value(metric: dict) -> str:
+    """A reported metric as the reports print it: accuracy in percent, perplexity as a number."""
+    return f"{metric['value']:.2%}" if metric["name"] == "accuracy" else f"{metric['value']:.2f}"

@@ -10,7 +10,7 @@ from typing import Any
 from compress.eval.attribution import attribution_section
 from compress.eval.gains import losses
 from compress.eval.html import render_html
-from compress.eval.metrics import BOOTSTRAP_RESAMPLES
+from compress.eval.metrics import BOOTSTRAP_RESAMPLES, metric_value
 from compress.eval.roofline import roofline_line
 from compress.rundir import atomic_write_json, atomic_write_text
 
@@ -204,7 +204,7 @@ def _table(rows: list[dict], baseline: str, generation: bool) -> list[str]:
             row["parent"] or "-",
             _runtime_cell(row["runtime"]),
             row["precision"],
-            _metric_cell(row) if row["name"] != baseline else _metric_value(row["metric"]) + " (baseline)",
+            _metric_cell(row) if row["name"] != baseline else metric_value(row["metric"]) + " (baseline)",
             f"{row['latency_ms']['p50']:.2f} ±{row['latency_ms']['spread']:.1%}",
             f"{row['speedup_vs_baseline']:.2f}x",
             "-" if row["speedup_vs_parent"] is None else f"{row['speedup_vs_parent']:.2f}x",
@@ -251,10 +251,6 @@ def _threads(count: int) -> str:
     return f"{count} thread" if count == 1 else f"{count} threads"
 
 
-def _metric_value(metric: dict) -> str:
-    return f"{metric['value']:.2%}" if metric["name"] == "accuracy" else f"{metric['value']:.2f}"
-
-
 def _metric_cell(row: dict) -> str:
     """Accuracy: the change in points; perplexity: the relative change, which compares across models."""
     if row["metric"]["name"] == "accuracy":
@@ -263,4 +259,4 @@ def _metric_cell(row: dict) -> str:
     else:
         low, high = row["metric_change_rel_ci95"]
         change = f"{row['metric_change_rel']:+.2%}, {low:+.2%} to {high:+.2%}"
-    return f"{_metric_value(row['metric'])} ({change})"
+    return f"{metric_value(row['metric'])} ({change})"
