@@ -312,14 +312,17 @@ class PTQStep(Step):
 
 class QATStep(RecoverSettings, Step):
     """Quantization-aware training: fake-quant Linear layers (per-channel symmetric int8 weights, per-tensor
-    activations, straight-through gradients) trained on the task loss, distilled from the model before QAT by
-    default. `export` then writes a QDQ graph with the learned scales."""
+    activations, straight-through gradients) and, with `embedding_bits`, embedding tables (per-row int8 or int4),
+    trained on the task loss, distilled from the model before QAT by default. `export` then writes a QDQ graph
+    with the learned scales."""
 
     kind: Literal["qat"] = "qat"
     needs_data: ClassVar[tuple[str, ...]] = ("train",)
     lr: float = Field(2e-5, gt=0, lt=1)
     per_channel: bool = True
     keep_fp32: list[Annotated[str, Field(min_length=1)]] = []  # module-name fragments left in float
+    # The embedding tables too, per row (half of a small encoder's weights): their bits, or None to keep them float.
+    embedding_bits: Literal[4, 8] | None = None
     calibration: Calibration = Calibration()  # the activations' first ranges, before training moves them
 
     @model_validator(mode="after")

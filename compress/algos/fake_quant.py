@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from compress.algos.fake_quant_embedding import BITS, FakeQuantEmbedding, quantize_embeddings
 from compress.errors import ArtifactError
 
 SPEC_FORMAT = "compress-fake-quant/1"
@@ -138,8 +139,10 @@ def quantization_spec(model: nn.Module) -> dict[str, Any]:
     """What `apply_quantization_spec` needs to rebuild the fake-quant modules of `model` (JSON)."""
     modules = {name: {"per_channel": module.per_channel} for name, module in model.named_modules()
                if isinstance(module, FakeQuantLinear)}
+    embeddings = {name: {"bits": module.bits} for name, module in model.named_modules()
+                  if isinstance(module, FakeQuantEmbedding)}
     return {"format": SPEC_FORMAT, "weights": "int8-symmetric", "activations": "uint8-asymmetric-per-tensor",
-            "modules": modules}
+            "modules": modules, "embeddings": embeddings}
 
 
 def apply_quantization_spec(model: nn.Module, spec: dict[str, Any]) -> None:
@@ -151,3 +154,8 @@ def apply_quantization_spec(model: nn.Module, spec: dict[str, Any]) -> None:
         if type(modules.get(name)) is not nn.Linear:
             raise ArtifactError(f"quantization spec: {name!r} is not a Linear layer of this model")
         quantize_linears(model, [name], per_channel=settings["per_channel"])
+    for name, settings in spec.get("embeddings", {}).items():  # specs written before embeddings were quantized
+        if type(modules.get(name)) is not nn.Embedding or settings.get("bits") not in BITS:
+            raise ArtifactError(f"quantization spec: {name!r} is not an Embedding of this model quantized to one "
+                                f"of {BITS} bits")
+        quantize_embeddings(model, [name], settings["bits"])

@@ -5,6 +5,10 @@ and zero point), DequantizeLinear of its weight stored as int8 ([in, out], axis 
 and Add of the bias. ONNX Runtime fuses the pairs around a MatMul on [batch, tokens, features] into integer
 kernels (MatMulIntegerToFloat); a Linear on [batch, features] (pooler, classifier) becomes a float Gemm over the
 dequantized values. Stored as int8, the weights take a quarter of their fp32 bytes.
+
+Each FakeQuantEmbedding is a Gather of the looked-up rows' codes (int8, or int4 two to a uint8) and of their
+float16 scales, the int4 codes split by float arithmetic (exact on 0..255) and multiplied by the scales: only
+the rows a batch reads are dequantized, with default-domain ops every runtime has.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from compress.algos.fake_quant import ACTIVATION_MAX, ACTIVATION_MIN, FakeQuantLinear, fake_quantize
+from compress.algos.fake_quant_embedding import FakeQuantEmbedding, packed_codes
 from compress.errors import ExportMismatch, RecipeError
 from compress.export.onnx import export_onnx
 
@@ -31,25 +36,31 @@ def export_fake_quant(model: Any, task: str, target: Path, opset: int, kv_cache:
         raise RecipeError(f"export.opset: a QDQ graph with per-channel scales needs opset >= {MIN_OPSET} "
                           f"(got {opset})")
     layers = [module for module in model.modules() if isinstance(module, FakeQuantLinear)]
-    with written_as_qdq(layers):
+    tables = [module for module in model.modules() if isinstance(module, FakeQuantEmbedding)]
+    with written_as_qdq(layers, tables):
         graph = export_onnx(model, task, target, opset, kv_cache=kv_cache)
-    int8_weights = quantized_weight_count(graph)
-    if int8_weights != len(layers):
-        raise ExportMismatch(f"{graph}: {int8_weights} int8 weights in the graph for {len(layers)} fake-quant "
-                             "layers; the exporter did not trace through every one")
+    int8_weights, looked_up = quantized_weight_count(graph), quantized_table_count(graph)
+    if int8_weights != len(layers) or looked_up != len(tables):
+        raise ExportMismatch(f"{graph}: {int8_weights} int8 weights and {looked_up} quantized tables in the graph "
+                             f"for {len(layers)} fake-quant layers and {len(tables)} tables; the exporter did not "
+                             "trace through every one")
     return graph
 
 
 @contextmanager
-def written_as_qdq(layers: list[FakeQuantLinear]) -> Iterator[None]:
-    """While exporting, each layer's forward is one traced op whose ONNX form is its QDQ subgraph."""
+def written_as_qdq(layers: list[FakeQuantLinear], tables: list[FakeQuantEmbedding]) -> Iterator[None]:
+    """While exporting, each layer's and table's forward is one traced op whose ONNX form is its QDQ or lookup
+    subgraph."""
+    modules = [*layers, *tables]
     for layer in layers:
         layer.forward = qdq_function(layer).apply
+    for table in tables:
+        table.forward = lookup_function(table).apply
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for module in modules:
+            del module.forward
 
 
 def qdq_function(layer: FakeQuantLinear) -> type[torch.autograd.Function]:
@@ -81,10 +92,55 @@ def qdq_function(layer: FakeQuantLinear) -> type[torch.autograd.Function]:
                 {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
 
 
+def lookup_function(table: FakeQuantEmbedding) -> type[torch.autograd.Function]:
+    """An op that looks up `table`'s quantized rows in torch and exports as the Gather-and-dequantize subgraph
+    (see `qdq_function` for why a class per table)."""
+    codes, packed = table.codes().cpu(), packed_codes(table).cpu()
+    scales = table.row_scales().cpu()
+
+    def forward(ctx: Any, ids: torch.Tensor) -> torch.Tensor:
+        on = ids.device
+        return F.embedding(ids, codes.to(on).float()) * F.embedding(ids, scales.to(on))
+
+    def symbolic(g: Any, ids: Any) -> Any:
+        def constant(value: Any) -> Any:
+            return g.op("Constant", value_t=torch.as_tensor(value))
+
+        def as_float(value: Any) -> Any:
+            return g.op("Cast", value, to_i=onnx.TensorProto.FLOAT)
+
+        rows = as_float(g.op("Gather", constant(packed), ids, axis_i=0))
+        if table.bits == 4:  # each byte holds two codes + 8: even columns low, odd columns high
+            high = g.op("Floor", g.op("Div", rows, constant(16.0)))
+            low = g.op("Sub", rows, g.op("Mul", high, constant(16.0)))
+            pairs = g.op("Concat", g.op("Unsqueeze", low, constant([-1])), g.op("Unsqueeze", high, constant([-1])),
+                         axis_i=-1)
+            shape = g.op("Concat", g.op("Shape", ids), constant([table.embedding_dim]), axis_i=0)
+            rows = g.op("Sub", g.op("Reshape", pairs, shape), constant(8.0))
+        row_scales = as_float(g.op("Gather", constant(scales.to(torch.float16)), ids, axis_i=0))
+        return g.op("Mul", rows, row_scales)
+
+    return type("QuantizedLookup", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
+
+
 def quantized_weight_count(graph: Path) -> int:
     """DequantizeLinear nodes that read a stored int8 tensor: one per quantized layer."""
-    model = onnx.load(str(graph), load_external_data=False)
-    stored = {tensor.name for tensor in model.graph.initializer if tensor.data_type == onnx.TensorProto.INT8}
-    stored |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"
-               and node.attribute[0].t.data_type == onnx.TensorProto.INT8 and len(node.attribute[0].t.dims) == 2}
+    model, stored = _stored_2d(graph, onnx.TensorProto.INT8)
     return sum(1 for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in stored)
+
+
+def quantized_table_count(graph: Path) -> int:
+    """Gather nodes that read a stored int8 or uint8 table: one per quantized embedding."""
+    model, stored = _stored_2d(graph, onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return sum(1 for node in model.graph.node if node.op_type == "Gather" and node.input[0] in stored)
+
+
+def _stored_2d(graph: Path, *types: int) -> tuple[onnx.ModelProto, set[str]]:
+    """The graph, and the names of its 2-D initializers and constants of those element types."""
+    model = onnx.load(str(graph), load_external_data=False)
+    stored = {tensor.name for tensor in model.graph.initializer if tensor.data_type in types
+              and len(tensor.dims) == 2}
+    stored |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"
+               and node.attribute[0].t.data_type in types and len(node.attribute[0].t.dims) == 2}
+    return model, stored

@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 from compress.algos.fake_quant import input_ranges, quantizable_linears, quantize_linears
+from compress.algos.fake_quant_embedding import quantizable_embeddings, quantize_embeddings
 from compress.artifact import Artifact, step_record
 from compress.context import Context
 from compress.errors import NothingToDo, RecipeError
@@ -24,10 +25,13 @@ def run(artifact: Artifact, step: QATStep, ctx: Context) -> Artifact:
     names = quantizable_linears(model, step.keep_fp32)
     if not names:
         raise NothingToDo(f"qat: keep_fp32 {step.keep_fp32} leaves no Linear layer to quantize")
+    tables = quantizable_embeddings(model, step.keep_fp32) if step.embedding_bits else []
     batches = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size, "qat")
     quantize_linears(model, names, step.per_channel, input_ranges(model, names, batches))
+    quantize_embeddings(model, tables, step.embedding_bits)
     summary = recover(model, artifact, step, ctx, "qat")
     effect = {"quantized_linears": len(names), "kept_fp32": len(quantizable_linears(artifact.model)) - len(names),
+              "quantized_embeddings": {name: f"int{step.embedding_bits} per row" for name in tables},
               "weights": "int8 symmetric " + ("per-channel" if step.per_channel else "per-tensor"),
               "activations": "uint8 asymmetric per-tensor", "calibration_rows": rows_in(batches), **summary}
     model = model.to(ctx.device).eval()

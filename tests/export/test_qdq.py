@@ -15,6 +15,7 @@ import torch
 from onnx import numpy_helper
 
 from compress.algos.fake_quant import FakeQuantLinear, input_ranges, quantizable_linears, quantize_linears
+from compress.algos.fake_quant_embedding import packed_codes, quantize_embeddings
 from compress.errors import RecipeError
 from compress.eval.runners import OrtRunner, TorchRunner
 from compress.export.onnx import export_onnx
@@ -127,3 +128,30 @@ def test_per_tensor_weights_and_a_causal_lm_export_too(tiny_causal_lm, lm_evalse
 def test_an_opset_without_per_axis_scales_is_refused(exported_classifier, tmp_path):
     with pytest.raises(RecipeError, match="opset >= 13"):
         export_fake_quant(exported_classifier[0], "sequence-classification", tmp_path / "model.onnx", opset=12)
+
+
+def test_quantized_tables_are_looked_up_row_by_row_from_their_codes(exported_classifier, classification_evalset,
+                                                                     tmp_path):
+    model = copy.deepcopy(exported_classifier[0])
+    quantize_embeddings(model, ["bert.embeddings.word_embeddings"], 4)
+    quantize_embeddings(model, ["bert.embeddings.position_embeddings"], 8)
+    graph_path = export_fake_quant(model, "sequence-classification", tmp_path / "model.onnx", opset=17)
+
+    features = classification_evalset.features
+    expected = TorchRunner(model).logits(features)
+    assert np.abs(OrtRunner(graph_path).logits(features) - expected).max() < 1e-4 * np.abs(expected).max()
+    graph = onnx.load(str(graph_path)).graph
+    values = constants(graph)
+    looked_up: dict[str, list[np.ndarray]] = {}
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in values and values[node.input[0]].ndim == 2:
+            looked_up.setdefault(values[node.input[0]].dtype.name, []).append(values[node.input[0]])
+    embeddings = model.bert.embeddings
+    # the codes and float16 scales of the two quantized tables; the token type table left float
+    assert {dtype: len(tables) for dtype, tables in looked_up.items()} == {"uint8": 1, "int8": 1, "float16": 2,
+                                                                           "float32": 1}
+    assert np.array_equal(looked_up["uint8"][0], packed_codes(embeddings.word_embeddings).numpy())
+    assert np.array_equal(looked_up["int8"][0], embeddings.position_embeddings.codes().numpy())
+    assert looked_up["float32"][0].shape == embeddings.token_type_embeddings.weight.shape
+    assert not [array for array in values.values() if array.dtype == np.float32
+                and array.shape == embeddings.word_embeddings.weight.shape]  # no float copy of the table

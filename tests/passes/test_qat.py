@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,10 +14,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from compress.algos.fake_quant import FakeQuantLinear, input_ranges, quantize_linears
+from compress.algos.fake_quant_embedding import FakeQuantEmbedding
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.data import build_eval_set, load_task_data
 from compress.errors import DataError, RecipeError
+from compress.eval.runners import OpenVinoRunner, OrtRunner, TorchRunner
 from compress.kinds import Kind
 from compress.passes import qat
 from compress.pipeline import run_pipeline
@@ -73,6 +76,20 @@ def test_qat_trains_fake_quant_layers_distilled_from_its_input(classifier, conte
     assert min(moved) > 0
     assert all(torch.equal(float_state[name], tensor) for name, tensor in classifier.model.state_dict().items())
     assert not quantized(classifier.model)  # the input, the teacher, stays float
+
+
+def test_embedding_tables_are_quantized_per_row_and_frozen_ones_learned_around(classifier, context):
+    step = QATStep(**SHORT, embedding_bits=4, freeze_embeddings=True)
+    result = qat.run(classifier, step, context(resolve_model={"@input": classifier}.__getitem__))
+
+    embeddings = result.model.bert.embeddings
+    assert [type(table) for table in (embeddings.word_embeddings, embeddings.position_embeddings)] == [
+        FakeQuantEmbedding, FakeQuantEmbedding]
+    assert type(embeddings.token_type_embeddings) is nn.Embedding
+    assert result.history[-1]["effect"]["quantized_embeddings"] == {
+        "bert.embeddings.word_embeddings": "int4 per row", "bert.embeddings.position_embeddings": "int4 per row"}
+    assert torch.equal(embeddings.word_embeddings.weight, classifier.model.bert.embeddings.word_embeddings.weight)
+    assert embeddings.word_embeddings.codes().abs().max() == 7
 
 
 def test_without_a_teacher_it_trains_on_the_labels_alone(classifier, context):
@@ -141,19 +158,25 @@ def test_the_recipe_contract_places_qat_on_float_torch_models_only():
         plan_stages([QATStep(), QATStep()])
 
 
-def test_a_qat_recipe_saves_reloads_and_exports_a_verified_qdq_graph(tmp_path, tiny_bert_dir, sentiment_files):
+def test_a_qat_recipe_saves_reloads_and_exports_a_verified_qdq_graph(tmp_path, tiny_bert_dir, sentiment_files,
+                                                                     classification_evalset):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": str(tiny_bert_dir), "task": "sequence-classification",
         "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
                  "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
-        "steps": [{"kind": "qat", **SHORT, "max_steps": 2}, {"kind": "export"}],
+        "steps": [{"kind": "qat", **SHORT, "max_steps": 2, "embedding_bits": 4}, {"kind": "export"}],
         "bench": {"enabled": False}}))
     run_pipeline(load_recipe(recipe), tmp_path / "run", quiet=True)
 
     trained = Artifact.load(tmp_path / "run" / "00-qat")
     assert len(quantized(trained.model)) == 14 and type(trained.model.classifier) is not nn.Linear
+    assert type(trained.model.bert.embeddings.word_embeddings) is FakeQuantEmbedding
     exported = Artifact.load(tmp_path / "run" / "01-export")
     assert exported.kind == Kind("onnx", "int8-qdq")
     effect = exported.history[-1]["effect"]
     assert effect["agreement"] == 1.0
+    features = classification_evalset.features
+    expected = TorchRunner(trained.model).logits(features)
+    for runner in (OrtRunner, OpenVinoRunner):  # the table lookups are default-domain ops both runtimes run
+        assert np.abs(runner(exported.onnx_path).logits(features) - expected).max() < 1e-4 * np.abs(expected).max()
