@@ -43,6 +43,7 @@ from pathlib import Path
 from prune import prune_summary  # benchmarks/prune.py, beside this script
 from quant import encoder_quant  # benchmarks/quant.py, beside this script
 from runtimes import runtimes_summary  # benchmarks/runtimes.py
+from stack import stack_summary  # benchmarks/stack.py
 from sparsity import decoder_summary, encoder_summary, gpu_section  # benchmarks/sparsity.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,7 @@ def stack() -> str:
                     [], fresh=False)
     report = (out / "report.md").read_text()
     attribution = report.split("## Where the gain came from\n", 1)[1].split("\n## ", 1)[0].strip()
+    text = with_notes(text, stack_summary(out))
     return text.replace("#### Notes\n", f"#### Where the gain came from\n\n{attribution}\n\n#### Notes\n", 1)
 
 

@@ -393,8 +393,8 @@ UnitAmount = float | PositiveInt | list[NonNegativeInt]
 UNSTRUCTURED = {"sparsity", "modules", "recover"}
 # The settings each prune `method` reads; another method's field is a recipe error naming it.
 PRUNE_FIELDS = {
-    "structured": {"importance", "allocation", "heads", "ffn", "layers", "allow_layer_drop", "calibration", "l0",
-                   "recover"},
+    "structured": {"importance", "allocation", "heads", "ffn", "ffn_multiple_of", "layers", "allow_layer_drop",
+                   "calibration", "l0", "recover"},
     "magnitude": UNSTRUCTURED | {"ranking", "schedule", "gradual", "nm"},
     "movement": UNSTRUCTURED | {"variant", "gradual", "scores_lr", "lambda_"},
     "l1": UNSTRUCTURED | {"ranking", "lambda_"},
@@ -424,6 +424,9 @@ class PruneStep(Step):
     allocation: Literal["global", "uniform", "per_layer", "top_k"] = "global"
     heads: UnitAmount | None = None
     ffn: UnitAmount | None = None
+    # Every block keeps a multiple of this many FFN neurons: what a 4-bit quantizer's group (64, 128) or a
+    # GEMM tile needs to divide the width.
+    ffn_multiple_of: PositiveInt = 1
     layers: Ratio | list[NonNegativeInt] | None = None  # blocks removed: indices, or the ratio least missed
     # Under global allocation a block keeps at least one head (one key-value group's worth) unless this is set;
     # then a block the ranking empties is removed whole.
@@ -468,6 +471,8 @@ class PruneStep(Step):
                                  f"(got {amount})")
         if isinstance(self.layers, list) and len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers: list each block once (got {self.layers})")
+        if "ffn_multiple_of" in self.model_fields_set and self.ffn is None:
+            raise ValueError("ffn_multiple_of: rounds the FFN neurons each block keeps; give ffn too")
         if self.importance == "l0":
             if self.allocation != "global":
                 raise ValueError("importance l0: the gates decide where units go, so allocation must be global")

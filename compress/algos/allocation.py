@@ -3,7 +3,8 @@
 global: the `ratio` least important units of the whole model (scores normalised per block, as Michel et al.
 do for heads, so blocks with larger activations do not keep everything); uniform: `ratio` of every block;
 per_layer: explicit counts kept per block; top_k: the same count kept in every block. Within a block the
-lowest-scoring units go; in a grouped-query block, evenly from each key-value group.
+lowest-scoring units go; in a grouped-query block, evenly from each key-value group. With a `multiple` (FFN
+neurons), every block keeps a multiple of it: the width a 4-bit quantizer's group or a GEMM tile divides.
 
 Errors are `ValueError`s naming the recipe field (`heads`, `ffn`, `layers`).
 """
@@ -26,14 +27,16 @@ class Choice:
 
 def choose(name: str, scores: list[torch.Tensor], allocation: str, amount: float | list[int],
            groups: list[int], allow_empty: bool = False, normalize: bool = True,
-           skip: frozenset[int] = frozenset()) -> Choice:
+           skip: frozenset[int] = frozenset(), multiple: int = 1) -> Choice:
     """Units to remove per block. `groups[b]`: key-value groups of block b (1 without grouped-query
-    attention): a block keeps a multiple of them. Blocks in `skip` (being dropped whole) are left out."""
+    attention): a block keeps a multiple of them (and of `multiple`). Blocks in `skip` (being dropped whole)
+    are left out."""
     sizes = [len(score) for score in scores]
     if allocation == "global":
-        keep, at_minimum, emptied = global_counts(name, scores, float(amount), groups, allow_empty, normalize, skip)
+        keep, at_minimum, emptied = global_counts(name, scores, float(amount), groups, allow_empty, normalize, skip,
+                                                  multiple)
     else:
-        keep, at_minimum, emptied = rule_counts(name, sizes, allocation, amount, groups, skip), [], []
+        keep, at_minimum, emptied = rule_counts(name, sizes, allocation, amount, groups, skip, multiple), [], []
     removed = {layer: lowest(scores[layer], sizes[layer] - keep[layer], groups[layer])
                for layer in range(len(scores))
                if layer not in skip and layer not in emptied and keep[layer] < sizes[layer]}
@@ -41,9 +44,10 @@ def choose(name: str, scores: list[torch.Tensor], allocation: str, amount: float
 
 
 def rule_counts(name: str, sizes: list[int], allocation: str, amount: float | list[int],
-                groups: list[int], skip: frozenset[int]) -> list[int]:
+                groups: list[int], skip: frozenset[int], multiple: int = 1) -> list[int]:
+    check_multiple(name, sizes, skip, multiple)
     if allocation == "uniform":
-        keep = [size - round(float(amount) * size) for size in sizes]
+        keep = [nearest_multiple(size - round(float(amount) * size), multiple, size) for size in sizes]
     elif allocation == "top_k":
         keep = [int(amount)] * len(sizes)
     elif allocation == "per_layer":
@@ -63,13 +67,28 @@ def rule_counts(name: str, sizes: list[int], allocation: str, amount: float | li
         if count % group:
             raise ValueError(f"{name}: block {layer} keeps {count} of {size} query heads; with {group} "
                              f"key-value groups it must keep a multiple of {group}")
+        if count % multiple:
+            raise ValueError(f"{name}: block {layer} keeps {count}, not a multiple of {name}_multiple_of "
+                             f"({multiple})")
     return keep
 
 
+def check_multiple(name: str, sizes: list[int], skip: frozenset[int], multiple: int) -> None:
+    for layer, size in enumerate(sizes):
+        if layer not in skip and size < multiple:
+            raise ValueError(f"{name}_multiple_of: block {layer} has {size} {name} units, fewer than {multiple}")
+
+
+def nearest_multiple(count: int, multiple: int, size: int) -> int:
+    """`count` rounded to the nearest multiple (halves up), at most the largest that fits in `size`."""
+    return min(int(count / multiple + 0.5) * multiple, size // multiple * multiple)
+
+
 def global_counts(name: str, scores: list[torch.Tensor], ratio: float, groups: list[int], allow_empty: bool,
-                  normalize: bool, skip: frozenset[int]) -> tuple[list[int], list[int], list[int]]:
+                  normalize: bool, skip: frozenset[int], multiple: int = 1) -> tuple[list[int], list[int], list[int]]:
     """Units kept per block when the `ratio` lowest-scoring units of the model go; a block keeps at least one
     key-value group's worth unless `allow_empty`, in which case one that would keep none is emptied."""
+    check_multiple(name, [len(score) for score in scores], skip, multiple)
     layers = [layer for layer in range(len(scores)) if layer not in skip]
     ranked = [(value / (score.norm() if normalize and score.norm() > 0 else 1)).item()
               for layer in layers for score in [scores[layer]] for value in score]
@@ -88,7 +107,7 @@ def global_counts(name: str, scores: list[torch.Tensor], ratio: float, groups: l
         elif ranked_kept < group:  # held at one group's worth, which the ranking would have gone below
             at_minimum.append(layer)
             count = group
-        keep[layer] = count
+        keep[layer] = max(nearest_multiple(count, multiple, size), multiple)
     return keep, at_minimum, emptied
 
 

@@ -97,13 +97,3 @@ def quantize_embeddings(model: nn.Module, names: list[str], bits: int) -> None:
             raise RecipeError(f"qat.embedding_bits: 4-bit rows are stored two codes to a byte; {name} has an odd "
                               f"width ({getattr(owner, attr).embedding_dim})")
         setattr(owner, attr, FakeQuantEmbedding(getattr(owner, attr), bits))
-
-
-def packed_codes(layer: FakeQuantEmbedding) -> Tensor:
-    """What the graph stores: int8 codes as they are, int4 codes offset to 1..15 and two to a byte (even
-    columns in the low nibble) as uint8 [rows, dim / 2]."""
-    codes = layer.codes()
-    if layer.bits == 8:
-        return codes
-    unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
-    return unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)

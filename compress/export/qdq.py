@@ -8,7 +8,9 @@ dequantized values. Stored as int8, the weights take a quarter of their fp32 byt
 
 Each FakeQuantEmbedding is a Gather of the looked-up rows' codes (int8, or int4 two to a uint8) and of their
 float16 scales, the int4 codes split by float arithmetic (exact on 0..255) and multiplied by the scales: only
-the rows a batch reads are dequantized, with default-domain ops every runtime has.
+the rows a batch reads are dequantized, with default-domain ops every runtime has. A byte holds column j and
+column j + width/2, so the halves join with one Concat: interleaved nibbles needed a Reshape to a shape
+computed at run time, which cost OpenVINO 0.5 ms a MiniLM-L6 inference (2.0 -> 2.5 ms, AMX, 2 threads).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from compress.algos.fake_quant import ACTIVATION_MAX, ACTIVATION_MIN, FakeQuantLinear, fake_quantize
-from compress.algos.fake_quant_embedding import FakeQuantEmbedding, packed_codes
+from compress.algos.fake_quant_embedding import FakeQuantEmbedding
 from compress.errors import ExportMismatch, RecipeError
 from compress.export.onnx import export_onnx
 
@@ -110,18 +112,26 @@ def lookup_function(table: FakeQuantEmbedding) -> type[torch.autograd.Function]:
             return g.op("Cast", value, to_i=onnx.TensorProto.FLOAT)
 
         rows = as_float(g.op("Gather", constant(packed), ids, axis_i=0))
-        if table.bits == 4:  # each byte holds two codes + 8: even columns low, odd columns high
-            high = g.op("Floor", g.op("Div", rows, constant(16.0)))
+        if table.bits == 4:  # each byte holds two codes + 8: the first half's in the low nibble
+            high = g.op("Floor", g.op("Mul", rows, constant(1 / 16)))
             low = g.op("Sub", rows, g.op("Mul", high, constant(16.0)))
-            pairs = g.op("Concat", g.op("Unsqueeze", low, constant([-1])), g.op("Unsqueeze", high, constant([-1])),
-                         axis_i=-1)
-            shape = g.op("Concat", g.op("Shape", ids), constant([table.embedding_dim]), axis_i=0)
-            rows = g.op("Sub", g.op("Reshape", pairs, shape), constant(8.0))
+            rows = g.op("Sub", g.op("Concat", low, high, axis_i=-1), constant(8.0))
         row_scales = as_float(g.op("Gather", constant(scales.to(torch.float16)), ids, axis_i=0))
         return g.op("Mul", rows, row_scales)
 
     return type("QuantizedLookup", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
+
+
+def packed_codes(table: FakeQuantEmbedding) -> torch.Tensor:
+    """What the graph stores: int8 codes as they are; int4 codes offset to 0..15 (1..15: they are symmetric),
+    column j in the low nibble of byte j and column j + width/2 in its high nibble, as uint8 [rows, width/2]."""
+    codes = table.codes()
+    if table.bits == 8:
+        return codes
+    unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
+    half = table.embedding_dim // 2
+    return unsigned[:, :half] | (unsigned[:, half:] << 4)
 
 
 def quantized_weight_count(graph: Path) -> int:

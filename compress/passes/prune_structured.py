@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from compress.algos.allocation import Choice, choose, layers_to_drop, rule_counts
+from compress.algos.allocation import Choice, check_multiple, choose, layers_to_drop, rule_counts
 from compress.algos.importance import activation_scores, gradient_scores, layer_scores, magnitude_scores
 from compress.algos.l0 import HardConcreteGates, L0Penalty
 from compress.algos.shrink import drop_layers, remove_heads, remove_neurons, scale_units
@@ -68,13 +68,15 @@ def blocks_to_drop(model: Any, step: PruneStep, batches: Any, text_stream: bool)
 
 
 def check_rule_counts(model: Any, step: PruneStep, wanted: dict[str, Any], dropped: list[int]) -> None:
-    """Counts fixed by a rule (not global ranking) are refused before any importance is measured."""
-    if step.allocation == "global":
-        return
+    """Counts fixed by a rule (not global ranking), and blocks narrower than `ffn_multiple_of`, are refused
+    before any importance is measured."""
     with refused_as_recipe_error():
         for kind, amount in wanted.items():
-            rule_counts(FIELDS[kind], units_per_layer(model, kind), step.allocation, amount, groups_of(model, kind),
-                        frozenset(dropped))
+            sizes, multiple = units_per_layer(model, kind), multiple_of(step, kind)
+            check_multiple(FIELDS[kind], sizes, frozenset(dropped), multiple)
+            if step.allocation != "global":
+                rule_counts(FIELDS[kind], sizes, step.allocation, amount, groups_of(model, kind), frozenset(dropped),
+                            multiple)
 
 
 def pruned_by_importance(model: Any, step: PruneStep, wanted: dict[str, Any], dropped: list[int], batches: Any,
@@ -114,7 +116,12 @@ def unit_scores(model: Any, importance: str, batches: Any, text_stream: bool) ->
 def allocate(model: Any, kind: str, scores: list[torch.Tensor], step: PruneStep, amount: Any,
              skip: frozenset[int], normalize: bool = True) -> Choice:
     return choose(FIELDS[kind], scores, step.allocation, amount, groups_of(model, kind),
-                  allow_empty=kind == HEADS and step.allow_layer_drop, normalize=normalize, skip=skip)
+                  allow_empty=kind == HEADS and step.allow_layer_drop, normalize=normalize, skip=skip,
+                  multiple=multiple_of(step, kind))
+
+
+def multiple_of(step: PruneStep, kind: str) -> int:
+    return step.ffn_multiple_of if kind == NEURONS else 1
 
 
 def groups_of(model: Any, kind: str) -> list[int]:

@@ -168,3 +168,34 @@ def test_layers_to_drop_takes_a_list_as_given():
 def test_layers_to_drop_errors_name_the_field(amount, message):
     with pytest.raises(ValueError, match=message):
         layers_to_drop(torch.tensor([0.1, 0.2, 0.3, 0.4]), amount)
+
+
+@pytest.mark.parametrize(("allocation", "amount", "kept"), [
+    ("global", 0.5, None), ("uniform", 0.3, [64, 128, 32]), ("top_k", 32, [32, 32, 32]),
+])
+def test_a_multiple_rounds_what_every_block_keeps(allocation, amount, kept):
+    sizes = [96, 160, 40]  # 40: fewer than two multiples, so the largest one it holds
+    scores = seeded_scores(sizes)
+    choice = choose("ffn", scores, allocation, amount, [1, 1, 1], multiple=32)
+    counts = [size - len(choice.removed.get(layer, [])) for layer, size in enumerate(sizes)]
+    assert all(count % 32 == 0 and count > 0 for count in counts)
+    if kept is not None:  # uniform: 96 - 29 = 67 -> 64, 160 - 48 = 112 -> 128, 40 - 12 = 28 -> 32
+        assert counts == kept
+    else:  # global: each block's ranked count rounded to the nearest multiple, the lowest still the ones gone
+        plain = choose("ffn", scores, allocation, amount, [1, 1, 1])
+        ranked = [size - len(plain.removed.get(layer, [])) for layer, size in enumerate(sizes)]
+        assert counts == [max(min(int(count / 32 + 0.5) * 32, size // 32 * 32), 32)
+                          for count, size in zip(ranked, sizes)]
+        for layer, removed in choice.removed.items():
+            order = torch.argsort(scores[layer], stable=True)
+            assert removed == sorted(int(unit) for unit in order[:len(removed)])
+
+
+@pytest.mark.parametrize(("allocation", "amount", "message"), [
+    ("per_layer", [64, 100, 32], "block 1 keeps 100, not a multiple of ffn_multiple_of \\(32\\)"),
+    ("global", 0.5, "ffn_multiple_of: block 2 has 16 ffn units, fewer than 32"),
+])
+def test_counts_off_the_multiple_and_blocks_narrower_than_it_are_refused(allocation, amount, message):
+    sizes = [96, 160, 16] if allocation == "global" else [96, 160, 40]
+    with pytest.raises(ValueError, match=message):
+        choose("ffn", seeded_scores(sizes), allocation, amount, [1, 1, 1], multiple=32)

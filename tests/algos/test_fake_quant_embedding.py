@@ -10,12 +10,7 @@ import torch
 from torch import nn
 
 from compress.algos.fake_quant import apply_quantization_spec, quantization_spec
-from compress.algos.fake_quant_embedding import (
-    FakeQuantEmbedding,
-    packed_codes,
-    quantizable_embeddings,
-    quantize_embeddings,
-)
+from compress.algos.fake_quant_embedding import FakeQuantEmbedding, quantizable_embeddings, quantize_embeddings
 from compress.artifact import Artifact
 from compress.errors import ArtifactError, RecipeError
 from compress.kinds import Kind
@@ -53,15 +48,6 @@ def test_gradients_pass_straight_through_to_the_rows_looked_up():
     grad = layer.weight.grad
     assert torch.equal(grad[1], torch.full((8,), 2.0)) and torch.equal(grad[4], torch.ones(8))
     assert not grad[[0, 2, 3, 5]].any()
-
-
-def test_int4_codes_are_packed_two_to_a_byte_offset_by_eight():
-    layer = table(4)
-    packed, codes = packed_codes(layer), layer.codes()
-    assert packed.dtype == torch.uint8 and packed.shape == (6, 4)
-    assert torch.equal((packed & 15).to(torch.int8) - 8, codes[:, 0::2])
-    assert torch.equal((packed >> 4).to(torch.int8) - 8, codes[:, 1::2])
-    assert torch.equal(packed_codes(table(8)), table(8).codes())
 
 
 def test_the_tables_under_the_families_embedding_module_are_chosen_but_tiny_ones(tiny_classifier):

@@ -15,11 +15,11 @@ import torch
 from onnx import numpy_helper
 
 from compress.algos.fake_quant import FakeQuantLinear, input_ranges, quantizable_linears, quantize_linears
-from compress.algos.fake_quant_embedding import packed_codes, quantize_embeddings
+from compress.algos.fake_quant_embedding import FakeQuantEmbedding, quantize_embeddings
 from compress.errors import RecipeError
 from compress.eval.runners import OrtRunner, TorchRunner
 from compress.export.onnx import export_onnx
-from compress.export.qdq import export_fake_quant
+from compress.export.qdq import export_fake_quant, packed_codes
 
 
 def fake_quant_model(model, features: dict[str, np.ndarray], per_channel: bool = True):
@@ -128,6 +128,17 @@ def test_per_tensor_weights_and_a_causal_lm_export_too(tiny_causal_lm, lm_evalse
 def test_an_opset_without_per_axis_scales_is_refused(exported_classifier, tmp_path):
     with pytest.raises(RecipeError, match="opset >= 13"):
         export_fake_quant(exported_classifier[0], "sequence-classification", tmp_path / "model.onnx", opset=12)
+
+
+def test_int4_codes_are_packed_two_to_a_byte_offset_by_eight():
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(6, 8)
+    table, wide = FakeQuantEmbedding(embedding, bits=4), FakeQuantEmbedding(embedding, bits=8)
+    packed, codes = packed_codes(table), table.codes()
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 4)
+    assert torch.equal((packed & 15).to(torch.int8) - 8, codes[:, :4])
+    assert torch.equal((packed >> 4).to(torch.int8) - 8, codes[:, 4:])
+    assert torch.equal(packed_codes(wide), wide.codes())
 
 
 def test_quantized_tables_are_looked_up_row_by_row_from_their_codes(exported_classifier, classification_evalset,

@@ -79,6 +79,14 @@ def test_global_pruning_removes_the_share_asked_and_recovers_from_the_unpruned_m
         assert torch.equal(tensor, untouched[name]), name
 
 
+def test_ffn_widths_keep_a_multiple_of_what_a_quantizer_group_divides(classifier, context):
+    result = prune.run(classifier, PruneStep(importance="magnitude", ffn=0.6, ffn_multiple_of=16), context())
+    widths = neurons_per_layer(result.model)
+    assert all(width % 16 == 0 and 16 <= width < 64 for width in widths)
+    plain = prune.run(classifier, PruneStep(importance="magnitude", ffn=0.6), context())
+    assert any(width % 16 for width in neurons_per_layer(plain.model))  # what the multiple changed
+
+
 def test_a_pruned_artifact_reloads_with_plain_from_pretrained(classifier, context, tmp_path):
     step = PruneStep(importance="magnitude", allocation="per_layer", heads=[1, 2, 3, 4], ffn=[8, 16, 24, 64])
     result = prune.run(classifier, step, context())
@@ -102,6 +110,9 @@ def test_a_pruned_artifact_reloads_with_plain_from_pretrained(classifier, contex
     ({"allocation": "per_layer", "ffn": [8, 8]}, "ffn: allocation per_layer needs one count per block (4)"),
     ({"layers": [1, 9]}, "layers: index 9 is out of range for a 4-block model"),
     ({"layers": [0, 1, 2, 3]}, "layers: removing 4 of 4 blocks leaves none"),
+    ({"allocation": "top_k", "ffn": 24, "ffn_multiple_of": 16}, "ffn: block 0 keeps 24, not a multiple of "
+                                                                 "ffn_multiple_of (16)"),
+    ({"ffn": 0.5, "ffn_multiple_of": 128}, "ffn_multiple_of: block 0 has 64 ffn units, fewer than 128"),
 ])
 def test_impossible_targets_are_refused_before_any_work(classifier, context, settings, message, monkeypatch):
     monkeypatch.setattr(prune_structured, "unit_scores", lambda *args: pytest.fail("importance measured before the check"))
@@ -190,6 +201,7 @@ def test_a_family_outside_the_table_is_refused_with_the_known_ones(classifier, c
     ({"heads": 0.5, "recover": {"attention_weight": 1.0}}, "recover.attention_weight"),
     ({"layers": 1.5}, "less than 1"),
     ({"layers": [2, 2]}, "list each block once"),
+    ({"heads": 0.5, "ffn_multiple_of": 64}, "ffn_multiple_of: rounds the FFN neurons each block keeps; give ffn"),
     ({"heads": 0.5, "sparsity": 0.5}, "sparsity"),
 ])
 def test_recipe_check_names_the_field(settings, message):
