@@ -4,6 +4,7 @@
     python benchmarks/run.py quickstart   # wall time and rows of `make demo`'s pipeline
     python benchmarks/run.py runtimes     # the quickstart + QAT on PyTorch, ONNX Runtime, OpenVINO (reuses the quickstart run)
     python benchmarks/run.py stack        # the stacked pipeline, per-stage attribution (reuses a `make stack` run)
+    python benchmarks/run.py llm-stack    # the decoder stack, per-stage attribution (reuses runs/llm-stack)
     python benchmarks/run.py sweep        # compress sweep of the quickstart (reduce_range x per_channel), one report
     python benchmarks/run.py search       # compress search over the fine-tuned MiniLM-L6 (int8, static, pruning)
     python benchmarks/run.py llm          # the decoder quickstart
@@ -43,8 +44,8 @@ from pathlib import Path
 from prune import prune_summary  # benchmarks/prune.py, beside this script
 from quant import encoder_quant  # benchmarks/quant.py, beside this script
 from runtimes import runtimes_summary  # benchmarks/runtimes.py
-from stack import stack_summary  # benchmarks/stack.py
 from sparsity import decoder_summary, encoder_summary, gpu_section  # benchmarks/sparsity.py
+from stack import stack_summary  # benchmarks/stack.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -127,27 +128,41 @@ def pipeline(recipe: str, name: str, title: str, notes: list[str], overrides: tu
 def runtimes() -> str:
     """The quickstart's stages plus a QAT branch on every runtime. A finished quickstart run is copied in first,
     so its stages are reused rather than trained again."""
-    out, quickstart = ROOT / "runs" / "bench-runtimes", ROOT / "runs" / "bench-quickstart"
-    if not out.exists() and (quickstart / "manifest.json").is_file():
-        shutil.copytree(quickstart, out)
-    text = pipeline("benchmarks/recipes/runtimes.yaml", "runtimes",
-                    "Runtimes: the quickstart model on PyTorch, ONNX Runtime and OpenVINO, every precision side by side",
-                    [], fresh=False)
-    return with_notes(text, runtimes_summary(out))
+    text = reused_run("benchmarks/recipes/runtimes.yaml", "runtimes", ROOT / "runs" / "bench-quickstart",
+                      "Runtimes: the quickstart model on PyTorch, ONNX Runtime and OpenVINO, every precision side by "
+                      "side", [])
+    return with_notes(text, runtimes_summary(ROOT / "runs" / "bench-runtimes"))
+
+
+def reused_run(recipe: str, name: str, made: Path, title: str, notes: list[str]) -> str:
+    """`pipeline` on a copy (hard links) of a finished run of the same recipe, so its trained stages are reused."""
+    out = ROOT / "runs" / f"bench-{name}"
+    if not out.exists() and (made / "manifest.json").is_file():
+        shutil.copytree(made, out, copy_function=os.link)
+    return pipeline(recipe, name, title, notes, fresh=False)
+
+
+def with_attribution(text: str, out: Path) -> str:
+    """The run report's "Where the gain came from" tables, before the section's notes."""
+    report = (out / "report.md").read_text()
+    attribution = report.split("## Where the gain came from\n", 1)[1].split("\n## ", 1)[0].strip()
+    return text.replace("#### Notes\n", f"#### Where the gain came from\n\n{attribution}\n\n#### Notes\n", 1)
 
 
 def stack() -> str:
-    """The stacked pipeline; a finished `make stack` run is copied in first, so its trained stages are reused."""
-    out, made = ROOT / "runs" / "bench-stack", ROOT / "runs" / "stack"
-    if not out.exists() and (made / "manifest.json").is_file():
-        shutil.copytree(made, out, copy_function=os.link)
-    text = pipeline("pipelines/stack.yaml", "stack",
-                    "Stacked: distil -> prune -> QAT -> portable int8 (MiniLM-L6, SST-2), per-stage attribution",
-                    [], fresh=False)
-    report = (out / "report.md").read_text()
-    attribution = report.split("## Where the gain came from\n", 1)[1].split("\n## ", 1)[0].strip()
-    text = with_notes(text, stack_summary(out))
-    return text.replace("#### Notes\n", f"#### Where the gain came from\n\n{attribution}\n\n#### Notes\n", 1)
+    """The stacked pipeline (`make stack` first, and its trained stages are reused)."""
+    text = reused_run("pipelines/stack.yaml", "stack", ROOT / "runs" / "stack",
+                      "Stacked: distil -> prune -> QAT -> portable int8 (MiniLM-L6, SST-2), per-stage attribution", [])
+    out = ROOT / "runs" / "bench-stack"
+    return with_attribution(with_notes(text, stack_summary(out)), out)
+
+
+def llm_stack(note: str) -> str:
+    """The decoder stack (a finished `compress run pipelines/llm-stack.yaml --out runs/llm-stack` is reused)."""
+    text = reused_run("pipelines/llm-stack.yaml", "llm-stack", ROOT / "runs" / "llm-stack",
+                      "Decoder stack: fewer blocks -> narrower MLP -> int4 (SmolLM2-135M), per-stage attribution",
+                      [note])
+    return with_attribution(text, ROOT / "runs" / "bench-llm-stack")
 
 
 SWEEP_GRID = ("steps.3.reduce_range=true,false", "steps.3.per_channel=true,false")
@@ -411,6 +426,7 @@ def main(argv: list[str]) -> None:
                                          []),
         "runtimes": lambda w: runtimes(),
         "stack": lambda w: stack(),
+        "llm-stack": lambda w: llm_stack(GGUF_NOTE),
         "sweep": lambda w: sweep(),
         "search": lambda w: search(),
         "llm": lambda w: pipeline("pipelines/llm-quickstart.yaml", "llm", "Decoder quickstart (SmolLM2-135M)",

@@ -38,15 +38,15 @@ def stack_summary(out: Path) -> list[str]:
     speedup, drop = _p50(teacher) / _p50(stacked), stacked["metric_delta"] * 100
     over_peer = _p50(peer) / _p50(stacked)
     model, teacher_model = _model_bytes(out / STACKED), _model_bytes(out / results["baseline"])
-    return [
-        f"Stacked, fastest runtime: {_label(stacked)} = {speedup:.1f}x the teacher in PyTorch fp32 "
-        f"({_p50(teacher):.2f} ms; aim ≥ {speed_aim:g}x on this CPU: {_verdict(speedup >= speed_aim)}), "
-        f"{drop:+.2f} points (aim ≥ −{MAX_DROP:g}: {_verdict(drop >= -MAX_DROP)}).",
-        f"Best peer (the teacher's export on any runtime, or its dynamic int8): {_label(peer)}; the stacked "
-        f"artifact is {over_peer:.2f}x faster (aim ≥ {AIMS['peer']}x at ≤ {MAX_DROP:g} points: "
-        f"{_verdict(over_peer >= AIMS['peer'] and drop >= -MAX_DROP)}).",
-        f"Size: model file {model / MIB:.2f} MiB vs the teacher's {teacher_model / MIB:.2f} MiB = "
-        f"{teacher_model / model:.1f}x smaller (aim ≥ {AIMS['size']:g}x: {_verdict(teacher_model >= AIMS['size'] * model)}); "
-        f"with the tokenizer files a deployment ships, {stacked['size_bytes'] / MIB:.2f} vs "
-        f"{teacher['size_bytes'] / MIB:.2f} MiB = {teacher['size_bytes'] / stacked['size_bytes']:.1f}x.",
-    ]
+    speed = (f"Stacked, fastest runtime: {_label(stacked)} = {speedup:.1f}x the teacher in PyTorch fp32 "
+             f"({_p50(teacher):.2f} ms; aim ≥ {speed_aim:g}x on this CPU: {_verdict(speedup >= speed_aim)}), "
+             f"{drop:+.2f} points (aim ≥ −{MAX_DROP:g}: {_verdict(drop >= -MAX_DROP)}).")
+    peers = (f"Best peer (the teacher's export on any runtime, or its dynamic int8): {_label(peer)}; the stacked "
+             f"artifact is {over_peer:.2f}x faster (aim ≥ {AIMS['peer']}x at ≤ {MAX_DROP:g} points: "
+             f"{_verdict(over_peer >= AIMS['peer'] and drop >= -MAX_DROP)}).")
+    size = (f"Size: model file {model / MIB:.2f} MiB vs the teacher's {teacher_model / MIB:.2f} MiB = "
+            f"{teacher_model / model:.1f}x smaller (aim ≥ {AIMS['size']:g}x: "
+            f"{_verdict(teacher_model >= AIMS['size'] * model)}); with the tokenizer files a deployment ships, "
+            f"{stacked['size_bytes'] / MIB:.2f} vs {teacher['size_bytes'] / MIB:.2f} MiB = "
+            f"{teacher['size_bytes'] / stacked['size_bytes']:.1f}x.")
+    return [speed, peers, size]

@@ -36,6 +36,12 @@ def attribution_rows(results: dict, target: str) -> list[dict]:
         exported_as[results["baseline"]] = "baseline-export"
     found: list[dict] = []
     lineage = chain(passes)
+    baseline = results["baseline"]
+    if lineage and lineage[0]["input"] == baseline:  # the chain starts from the baseline itself (no fine-tune)
+        shown = baseline if (baseline, target) in rows else exported_as.get(baseline)
+        if (shown, target) in rows:
+            found.append({"stage": baseline, "technique": "baseline" + (f" (as {shown})" if shown != baseline else ""),
+                          "row": rows[(shown, target)]})
     for index, record in enumerate(lineage):
         stage = record["stage"]
         if (stage, target) in rows:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import html
 import io
+import itertools
 import re
+
+from compress.eval.attribution import attribution_rows, attribution_section
 
 MIB = 1 << 20
 ENGINE_COLOURS = {"torch": "#ee4c2c", "onnxruntime": "#1f6fb4", "openvino": "#6a3d9a"}
@@ -34,7 +37,7 @@ def pareto_front(points: dict[str, tuple[float, float]], higher_is_better: bool)
 
 def render_html(results: dict, markdown: str) -> str:
     rows = [row for row in results["rows"] if "not_run" not in row]
-    plots = _plots(rows, results["baseline"]) if rows else ""
+    plots = _plots(rows, results["baseline"], chains(results)) if rows else ""
     front = _front(rows, "latency") if rows else []
     body = _markdown_to_html(markdown, plots, set(front))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>compress benchmark report</title>"
@@ -50,12 +53,21 @@ def _cost(row: dict, axis: str) -> float:
     return row["latency_ms"]["p50"] if axis == "latency" else row["size_bytes"] / MIB
 
 
-def _plots(rows: list[dict], baseline: str) -> str:
-    return ("<div class='plots'>" + _plot(rows, baseline, "latency", "p50 latency, ms (fixed length)") +
-            _plot(rows, baseline, "size", "size on disk, MiB") + "</div>")
+def chains(results: dict) -> dict[str, list[dict]]:
+    """Per runtime, the rows of the stacked chain in order (the report's "Where the gain came from" tables)."""
+    if not attribution_section(results):
+        return {}
+    targets = dict.fromkeys(row["target"] for row in results["rows"] if "not_run" not in row)
+    found = {target: [entry["row"] for entry in attribution_rows(results, target)] for target in targets}
+    return {target: rows for target, rows in found.items() if len(rows) >= 2}
 
 
-def _plot(rows: list[dict], baseline: str, axis: str, label: str) -> str:
+def _plots(rows: list[dict], baseline: str, lines: dict[str, list[dict]]) -> str:
+    return ("<div class='plots'>" + _plot(rows, baseline, "latency", "p50 latency, ms (fixed length)", lines) +
+            _plot(rows, baseline, "size", "size on disk, MiB", lines) + "</div>")
+
+
+def _plot(rows: list[dict], baseline: str, axis: str, label: str, lines: dict[str, list[dict]]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: the figure is written as SVG text
@@ -71,6 +83,13 @@ def _plot(rows: list[dict], baseline: str, axis: str, label: str) -> str:
         if row["name"] in front or row["name"] == baseline:  # the others are in the table: labels would pile up
             ax.annotate(row["name"], (_cost(row, axis), _metric(row)), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
+    for index, (target, chain) in enumerate(lines.items()):  # each technique's step, as arrows
+        colour = ENGINE_COLOURS.get(chain[0]["runtime"]["name"], "#555")
+        style = ("-", ":", "-.")[index % 3]
+        for before, after in itertools.pairwise(chain):
+            ax.annotate("", xy=(_cost(after, axis), _metric(after)), xytext=(_cost(before, axis), _metric(before)),
+                        arrowprops={"arrowstyle": "->", "color": colour, "linestyle": style, "alpha": 0.7}, zorder=1)
+        ax.plot([], [], color=colour, linestyle=style, label=f"the chain on {target}")
     ordered = sorted((row for row in rows if row["name"] in front), key=lambda row: _cost(row, axis))
     ax.step([_cost(r, axis) for r in ordered], [_metric(r) for r in ordered], where="post", color="black",
             linewidth=1, linestyle="--", label="Pareto frontier", zorder=2)

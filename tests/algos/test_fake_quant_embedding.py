@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from compress.algos.fake_quant import apply_quantization_spec, quantization_spec
-from compress.algos.fake_quant_embedding import FakeQuantEmbedding, quantizable_embeddings, quantize_embeddings
+from compress.algos.fake_quant_embedding import (
+    FakeQuantEmbedding,
+    quantizable_embeddings,
+    quantize_embeddings,
+)
 from compress.artifact import Artifact
 from compress.errors import ArtifactError, RecipeError
 from compress.kinds import Kind

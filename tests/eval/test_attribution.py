@@ -42,3 +42,21 @@ def test_each_technique_is_a_row_on_each_runtime_by_its_deployed_form():
 def test_a_recipe_without_a_chain_gets_no_section():
     passes = [{"stage": "00-export", "input": "base", "pass": "export"}]
     assert attribution_section({"baseline": "base", "rows": ROWS[:1], "passes": passes}) == []
+
+
+def test_a_chain_starting_from_the_baseline_shows_it_first():
+    passes = [{"stage": "00-prune", "input": "base", "pass": "prune"},
+              {"stage": "01-int4", "input": "00-prune", "pass": "quantize"},
+              {"stage": "02-int4-onnx", "input": "01-int4", "pass": "export"},
+              {"stage": "03-prune-onnx", "input": "00-prune", "pass": "export"},
+              {"stage": "baseline-export", "input": "base", "pass": "export"}]
+    rows = [_row("base", "torch", 40.0, 0.5, 500), _row("00-prune", "torch", 30.0, 0.45, 400),
+            _row("baseline-export", "onnxruntime", 30.0, 0.5, 500),
+            _row("03-prune-onnx", "onnxruntime", 20.0, 0.45, 400), _row("02-int4-onnx", "onnxruntime", 10.0, 0.4, 150)]
+    text = "\n".join(attribution_section({"baseline": "base", "rows": rows, "passes": passes}))
+    ort = text.split("On **onnxruntime**:")[1].strip().splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in ort] == [
+        ["| base", "baseline (as baseline-export)"], ["| 00-prune", "prune (as 03-prune-onnx)"],
+        ["| 02-int4-onnx", "quantize, exported"]]
+    torch = text.split("On **torch**:")[1].split("On **")[0].strip().splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in torch] == [["| base", "baseline"], ["| 00-prune", "prune"]]

@@ -26,3 +26,14 @@ def test_the_page_holds_both_plots_the_table_and_nothing_from_the_network():
     assert re.findall(r"<tr class=frontier><td>([^<]+)</td>", page) == ["fp32-onnx", "int8-onnx"]
     assert "<li>int8 needs VNNI</li>" in page and "<pre><code>compress run r.yaml --out o</code></pre>" in page
     assert not re.search(r"<script|<link|<img|url\((?!#)|@import", page)  # self-contained: opens from disk
+
+
+def test_the_plots_draw_the_stacked_chain_on_each_runtime():
+    from .test_attribution import PASSES, ROWS
+
+    engines = {"torch": "torch", "openvino": "openvino"}
+    rows = [{**row, "runtime": {"name": engines[row["target"]]}} for row in ROWS]
+    page = render_html({"baseline": "00-finetune", "rows": rows, "passes": PASSES}, "# Report\n\n## Results\n")
+    assert page.count("the chain on openvino") == 2 and page.count("the chain on torch") == 2  # one per plot
+    without = render_html({"baseline": "00-finetune", "rows": rows, "passes": []}, "# Report\n\n## Results\n")
+    assert "the chain on" not in without

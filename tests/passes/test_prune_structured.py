@@ -110,8 +110,8 @@ def test_a_pruned_artifact_reloads_with_plain_from_pretrained(classifier, contex
     ({"allocation": "per_layer", "ffn": [8, 8]}, "ffn: allocation per_layer needs one count per block (4)"),
     ({"layers": [1, 9]}, "layers: index 9 is out of range for a 4-block model"),
     ({"layers": [0, 1, 2, 3]}, "layers: removing 4 of 4 blocks leaves none"),
-    ({"allocation": "top_k", "ffn": 24, "ffn_multiple_of": 16}, "ffn: block 0 keeps 24, not a multiple of "
-                                                                 "ffn_multiple_of (16)"),
+    ({"allocation": "top_k", "ffn": 24, "ffn_multiple_of": 16},
+     "ffn: block 0 keeps 24, not a multiple of ffn_multiple_of (16)"),
     ({"ffn": 0.5, "ffn_multiple_of": 128}, "ffn_multiple_of: block 0 has 64 ffn units, fewer than 128"),
 ])
 def test_impossible_targets_are_refused_before_any_work(classifier, context, settings, message, monkeypatch):
