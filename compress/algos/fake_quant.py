@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from compress.algos.fake_quant_embedding import BITS, FakeQuantEmbedding, quantize_embeddings
 from compress.errors import ArtifactError
 
 SPEC_FORMAT = "compress-fake-quant/1"
@@ -137,6 +136,8 @@ def quantize_linears(model: nn.Module, names: list[str], per_channel: bool = Tru
 
 def quantization_spec(model: nn.Module) -> dict[str, Any]:
     """What `apply_quantization_spec` needs to rebuild the fake-quant modules of `model` (JSON)."""
+    from compress.algos.fake_quant_embedding import FakeQuantEmbedding  # it builds on this module's fake_quantize
+
     modules = {name: {"per_channel": module.per_channel} for name, module in model.named_modules()
                if isinstance(module, FakeQuantLinear)}
     embeddings = {name: {"bits": module.bits} for name, module in model.named_modules()
@@ -147,6 +148,8 @@ def quantization_spec(model: nn.Module) -> dict[str, Any]:
 
 def apply_quantization_spec(model: nn.Module, spec: dict[str, Any]) -> None:
     """Swap in the spec's fake-quant modules (scales unset) so that loading the saved tensors fills them."""
+    from compress.algos.fake_quant_embedding import BITS, quantize_embeddings
+
     if spec.get("format") != SPEC_FORMAT:
         raise ArtifactError(f"quantization spec: unknown format {spec.get('format')!r} (expected {SPEC_FORMAT})")
     modules = dict(model.named_modules())

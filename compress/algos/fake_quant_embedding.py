@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from compress.algos.fake_quant import fake_quantize
 from compress.arch import family
 from compress.errors import RecipeError
 
@@ -55,9 +56,7 @@ class FakeQuantEmbedding(nn.Module):
         rows = F.embedding(ids, self.weight, self.padding_idx)
         scales = F.embedding(ids, self.row_scales())
         qmax = code_max(self.bits)
-        scaled = rows.float() / scales
-        rounded = scaled + (torch.round(scaled) - scaled).detach()
-        return (torch.clamp(rounded, -qmax, qmax) * scales).to(rows.dtype)
+        return fake_quantize(rows.float(), scales, torch.zeros_like(scales), -qmax, qmax).to(rows.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
@@ -65,8 +64,8 @@ class FakeQuantEmbedding(nn.Module):
 
 def quantizable_embeddings(model: Any, keep_fp32: list[str]) -> list[str]:
     """Names of the embedding tables of at least MIN_ROWS rows under the family's embedding module, but those
-    whose name holds a `keep_fp32` fragment; RecipeError for a table whose weight another module shares (a tied output head
-    would be quantized twice, on two grids)."""
+    whose name holds a `keep_fp32` fragment; RecipeError for a table whose weight another module shares (a tied
+    output head would be quantized twice, on two grids)."""
     prefix = f"{model.base_model_prefix}.{family(model.config.model_type).embeddings}"
     if not any(name == prefix for name, _ in model.named_modules()):
         prefix = family(model.config.model_type).embeddings  # the model is its base model

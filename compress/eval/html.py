@@ -8,7 +8,7 @@ import io
 import itertools
 import re
 
-from compress.eval.attribution import attribution_rows, attribution_section
+from compress.eval.attribution import attribution_rows, chain
 
 MIB = 1 << 20
 ENGINE_COLOURS = {"torch": "#ee4c2c", "onnxruntime": "#1f6fb4", "openvino": "#6a3d9a"}
@@ -55,7 +55,7 @@ def _cost(row: dict, axis: str) -> float:
 
 def chains(results: dict) -> dict[str, list[dict]]:
     """Per runtime, the rows of the stacked chain in order (the report's "Where the gain came from" tables)."""
-    if not attribution_section(results):
+    if len(chain(results.get("passes", []))) < 2:
         return {}
     targets = dict.fromkeys(row["target"] for row in results["rows"] if "not_run" not in row)
     found = {target: [entry["row"] for entry in attribution_rows(results, target)] for target in targets}
@@ -83,10 +83,10 @@ def _plot(rows: list[dict], baseline: str, axis: str, label: str, lines: dict[st
         if row["name"] in front or row["name"] == baseline:  # the others are in the table: labels would pile up
             ax.annotate(row["name"], (_cost(row, axis), _metric(row)), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
-    for index, (target, chain) in enumerate(lines.items()):  # each technique's step, as arrows
-        colour = ENGINE_COLOURS.get(chain[0]["runtime"]["name"], "#555")
+    for index, (target, path) in enumerate(lines.items()):  # each technique's step, as arrows
+        colour = ENGINE_COLOURS.get(path[0]["runtime"]["name"], "#555")
         style = ("-", ":", "-.")[index % 3]
-        for before, after in itertools.pairwise(chain):
+        for before, after in itertools.pairwise(path):
             ax.annotate("", xy=(_cost(after, axis), _metric(after)), xytext=(_cost(before, axis), _metric(before)),
                         arrowprops={"arrowstyle": "->", "color": colour, "linestyle": style, "alpha": 0.7}, zorder=1)
         ax.plot([], [], color=colour, linestyle=style, label=f"the chain on {target}")
