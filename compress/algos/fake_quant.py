@@ -136,7 +136,8 @@ def quantize_linears(model: nn.Module, names: list[str], per_channel: bool = Tru
 
 def quantization_spec(model: nn.Module) -> dict[str, Any]:
     """What `apply_quantization_spec` needs to rebuild the fake-quant modules of `model` (JSON)."""
-    from compress.algos.fake_quant_embedding import FakeQuantEmbedding  # it builds on this module's fake_quantize
+    # imported here: that module builds on this one's fake_quantize
+    from compress.algos.fake_quant_embedding import FakeQuantEmbedding
 
     modules = {name: {"per_channel": module.per_channel} for name, module in model.named_modules()
                if isinstance(module, FakeQuantLinear)}
