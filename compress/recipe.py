@@ -310,10 +310,13 @@ class PTQStep(Step):
         return {"reduce_range": self.resolved_reduce_range(), "isa": machine_info()["isa"]}
 
 
+EmbeddingBits = Literal[3, 4, 8]
+
+
 class QATStep(RecoverSettings, Step):
     """Quantization-aware training: fake-quant Linear layers (per-channel symmetric int8 weights, per-tensor
-    activations, straight-through gradients) and, with `embedding_bits`, embedding tables (per-row int8 or int4),
-    trained on the task loss, distilled from the model before QAT by default. `export` then writes a QDQ graph
+    activations, straight-through gradients) and, with `embedding_bits`, embedding tables (per-row int8, int4, or
+    3-bit on levels fitted to the table), trained on the task loss, distilled from the model before QAT by default. `export` then writes a QDQ graph
     with the learned scales."""
 
     kind: Literal["qat"] = "qat"
@@ -321,8 +324,10 @@ class QATStep(RecoverSettings, Step):
     lr: float = Field(2e-5, gt=0, lt=1)
     per_channel: bool = True
     keep_fp32: list[Annotated[str, Field(min_length=1)]] = []  # module-name fragments left in float
-    # The embedding tables too, per row (half of a small encoder's weights): their bits, or None to keep them float.
-    embedding_bits: Literal[4, 8] | None = None
+    # The embedding tables too, per row (half of a small encoder's weights): their bits, or bits per table-name
+    # fragment (a table none names stays float), or None to keep them all float.
+    embedding_bits: EmbeddingBits | Annotated[dict[Annotated[str, Field(min_length=1)], EmbeddingBits],
+                                              Field(min_length=1)] | None = None
     calibration: Calibration = Calibration()  # the activations' first ranges, before training moves them
 
     @model_validator(mode="after")

@@ -162,4 +162,4 @@ def apply_quantization_spec(model: nn.Module, spec: dict[str, Any]) -> None:
         if type(modules.get(name)) is not nn.Embedding or settings.get("bits") not in BITS:
             raise ArtifactError(f"quantization spec: {name!r} is not an Embedding of this model quantized to one "
                                 f"of {BITS} bits")
-        quantize_embeddings(model, [name], settings["bits"])
+        quantize_embeddings(model, {name: settings["bits"]}, fit=False)  # the saved levels fill them

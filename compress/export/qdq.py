@@ -6,11 +6,13 @@ and Add of the bias. ONNX Runtime fuses the pairs around a MatMul on [batch, tok
 kernels (MatMulIntegerToFloat); a Linear on [batch, features] (pooler, classifier) becomes a float Gemm over the
 dequantized values. Stored as int8, the weights take a quarter of their fp32 bytes.
 
-Each FakeQuantEmbedding is a Gather of the looked-up rows' codes (int8, or int4 two to a uint8) and of their
-float16 scales, the int4 codes split by float arithmetic (exact on 0..255) and multiplied by the scales: only
-the rows a batch reads are dequantized, with default-domain ops every runtime has. A byte holds column j and
-column j + width/2, so the halves join with one Concat: interleaved nibbles needed a Reshape to a shape
-computed at run time, which cost OpenVINO 0.5 ms a MiniLM-L6 inference (2.0 -> 2.5 ms, AMX, 2 threads).
+Each FakeQuantEmbedding is a Gather of the looked-up rows' codes (int8, int4 two to a uint8, or 3-bit in two
+bit planes) and of their float16 scales, the packed codes split by float arithmetic (exact on 0..255) and
+multiplied by the scales: only the rows a batch reads are dequantized, with default-domain ops every runtime
+has. A byte's fields hold columns a width/fields apart (int4: j and j + width/2), so the fields join with one
+Concat: interleaved nibbles needed a Reshape to a shape computed at run time, which cost OpenVINO 0.5 ms a
+MiniLM-L6 inference (2.0 -> 2.5 ms, AMX, 2 threads). 3-bit codes are a plane of their low 2 bits (four to a
+byte) and a plane of their high bit (eight to a byte), 3 bytes per 8 codes; their fitted levels are a Gather.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from compress.errors import ExportMismatch, RecipeError
 from compress.export.onnx import export_onnx
 
 MIN_OPSET = 13  # DequantizeLinear's per-axis scales
+PLANES = {3: 2}  # packed code tables a quantized embedding stores: 3-bit codes in two bit planes, others in one
 
 
 def export_fake_quant(model: Any, task: str, target: Path, opset: int, kv_cache: bool = False) -> Path:
@@ -42,10 +45,11 @@ def export_fake_quant(model: Any, task: str, target: Path, opset: int, kv_cache:
     with written_as_qdq(layers, tables):
         graph = export_onnx(model, task, target, opset, kv_cache=kv_cache)
     int8_weights, looked_up = quantized_weight_count(graph), quantized_table_count(graph)
-    if int8_weights != len(layers) or looked_up != len(tables):
-        raise ExportMismatch(f"{graph}: {int8_weights} int8 weights and {looked_up} quantized tables in the graph "
-                             f"for {len(layers)} fake-quant layers and {len(tables)} tables; the exporter did not "
-                             "trace through every one")
+    planes = sum(PLANES.get(table.bits, 1) for table in tables)
+    if int8_weights != len(layers) or looked_up != planes:
+        raise ExportMismatch(f"{graph}: {int8_weights} int8 weights and {looked_up} packed code planes in the "
+                             f"graph for {len(layers)} fake-quant layers and {len(tables)} tables ({planes} "
+                             "planes); the exporter did not trace through every one")
     return graph
 
 
@@ -97,41 +101,67 @@ def qdq_function(layer: FakeQuantLinear) -> type[torch.autograd.Function]:
 def lookup_function(table: FakeQuantEmbedding) -> type[torch.autograd.Function]:
     """An op that looks up `table`'s quantized rows in torch and exports as the Gather-and-dequantize subgraph
     (see `qdq_function` for why a class per table)."""
-    codes, packed = table.codes().cpu(), packed_codes(table).cpu()
-    scales = table.row_scales().cpu()
+    codes, planes = table.codes().cpu(), [plane.cpu() for plane in packed_codes(table)]
+    values, scales = table.code_values(codes).cpu(), table.row_scales().cpu()
+    levels = None if table.levels is None else table.levels.detach().float().cpu().clone()
 
     def forward(ctx: Any, ids: torch.Tensor) -> torch.Tensor:
         on = ids.device
-        return F.embedding(ids, codes.to(on).float()) * F.embedding(ids, scales.to(on))
+        return F.embedding(ids, values.to(on)) * F.embedding(ids, scales.to(on))
 
     def symbolic(g: Any, ids: Any) -> Any:
         def constant(value: Any) -> Any:
             return g.op("Constant", value_t=torch.as_tensor(value))
 
-        def as_float(value: Any) -> Any:
-            return g.op("Cast", value, to_i=onnx.TensorProto.FLOAT)
+        def looked_up(plane: torch.Tensor) -> Any:
+            return g.op("Cast", g.op("Gather", constant(plane), ids, axis_i=0), to_i=onnx.TensorProto.FLOAT)
 
-        rows = as_float(g.op("Gather", constant(packed), ids, axis_i=0))
-        if table.bits == 4:  # each byte holds two codes + 8: the first half's in the low nibble
-            high = g.op("Floor", g.op("Mul", rows, constant(1 / 16)))
-            low = g.op("Sub", rows, g.op("Mul", high, constant(16.0)))
-            rows = g.op("Sub", g.op("Concat", low, high, axis_i=-1), constant(8.0))
-        row_scales = as_float(g.op("Gather", constant(scales.to(torch.float16)), ids, axis_i=0))
+        def fields(packed: Any, count: int) -> Any:
+            """The `count` equal bit fields of each byte, lowest first, joined along the row."""
+            base, parts = 2 ** (8 // count), []
+            for _ in range(count - 1):
+                rest = g.op("Floor", g.op("Mul", packed, constant(1 / base)))
+                parts.append(g.op("Sub", packed, g.op("Mul", rest, constant(base))))
+                packed = rest
+            return g.op("Concat", *parts, packed, axis_i=-1)
+
+        if table.bits == 8:
+            rows = looked_up(planes[0])
+        elif table.bits == 4:  # each byte holds two codes + 8: the first half's in the low nibble
+            rows = g.op("Sub", fields(looked_up(planes[0]), 2), constant(8.0))
+        else:  # a code's low two bits + 4 x its high bit: the index of its fitted level
+            low, high = fields(looked_up(planes[0]), 4), fields(looked_up(planes[1]), 8)
+            index = g.op("Add", low, g.op("Mul", high, constant(4.0)))
+            rows = g.op("Gather", constant(levels), g.op("Cast", index, to_i=onnx.TensorProto.INT64), axis_i=0)
+        row_scales = looked_up(scales.to(torch.float16))
         return g.op("Mul", rows, row_scales)
 
     return type("QuantizedLookup", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
 
 
-def packed_codes(table: FakeQuantEmbedding) -> torch.Tensor:
-    """What the graph stores: int8 codes as they are; int4 codes offset to 0..15 (1..15: they are symmetric),
-    column j in the low nibble of byte j and column j + width/2 in its high nibble, as uint8 [rows, width/2]."""
+def packed_codes(table: FakeQuantEmbedding) -> list[torch.Tensor]:
+    """The code planes the graph stores, uint8 unless int8: int8 codes as they are; int4 codes offset to 0..15
+    (1..15: they are symmetric), column j in the low nibble of byte j and column j + width/2 in its high nibble
+    [rows, width/2]; 3-bit codes (0..7) as a plane of their low 2 bits, byte j holding columns j + k*width/4 at
+    bits 2k [rows, width/4], and a plane of their high bit, byte j holding columns j + k*width/8 at bit k
+    [rows, width/8]."""
     codes = table.codes()
     if table.bits == 8:
-        return codes
-    unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
-    half = table.embedding_dim // 2
-    return unsigned[:, :half] | (unsigned[:, half:] << 4)
+        return [codes]
+    if table.bits == 4:
+        return [_pack((codes.to(torch.int16) + 8).to(torch.uint8), 4)]
+    unsigned = codes.to(torch.uint8)
+    return [_pack(unsigned & 3, 2), _pack(unsigned >> 2, 1)]
+
+
+def _pack(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [rows, width * bits / 8]: byte j holds columns j, j + step, ... (step: its byte count), lowest first."""
+    parts = fields.chunk(8 // bits, dim=1)
+    packed = torch.zeros_like(parts[0])
+    for index, part in enumerate(parts):
+        packed |= part << (index * bits)
+    return packed
 
 
 def quantized_weight_count(graph: Path) -> int:

@@ -7,7 +7,12 @@ import copy
 from typing import Any
 
 from compress.algos.fake_quant import input_ranges, quantizable_linears, quantize_linears
-from compress.algos.fake_quant_embedding import quantizable_embeddings, quantize_embeddings
+from compress.algos.fake_quant_embedding import (
+    FITTED_BITS,
+    bits_by_table,
+    quantizable_embeddings,
+    quantize_embeddings,
+)
 from compress.artifact import Artifact, step_record
 from compress.context import Context
 from compress.errors import NothingToDo, RecipeError
@@ -25,17 +30,23 @@ def run(artifact: Artifact, step: QATStep, ctx: Context) -> Artifact:
     names = quantizable_linears(model, step.keep_fp32)
     if not names:
         raise NothingToDo(f"qat: keep_fp32 {step.keep_fp32} leaves no Linear layer to quantize")
-    tables = quantizable_embeddings(model, step.keep_fp32) if step.embedding_bits else []
+    tables = {}
+    if step.embedding_bits is not None:
+        tables = bits_by_table(quantizable_embeddings(model, step.keep_fp32), step.embedding_bits)
     batches = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size, "qat")
     quantize_linears(model, names, step.per_channel, input_ranges(model, names, batches))
-    quantize_embeddings(model, tables, step.embedding_bits)
+    quantize_embeddings(model, tables)
     summary = recover(model, artifact, step, ctx, "qat")
     effect = {"quantized_linears": len(names), "kept_fp32": len(quantizable_linears(artifact.model)) - len(names),
-              "quantized_embeddings": {name: f"int{step.embedding_bits} per row" for name in tables},
+              "quantized_embeddings": {name: row_format(bits) for name, bits in tables.items()},
               "weights": "int8 symmetric " + ("per-channel" if step.per_channel else "per-tensor"),
               "activations": "uint8 asymmetric per-tensor", "calibration_rows": rows_in(batches), **summary}
     model = model.to(ctx.device).eval()
     return artifact.evolve(step_record(step, **effect), model=model, kind=kind)
+
+
+def row_format(bits: int) -> str:
+    return "3-bit fitted levels per row" if bits == FITTED_BITS else f"int{bits} per row"
 
 
 def rows_in(batches: list[dict[str, Any]]) -> int:

@@ -134,18 +134,29 @@ def test_int4_codes_are_packed_two_to_a_byte_offset_by_eight():
     torch.manual_seed(0)
     embedding = torch.nn.Embedding(6, 8)
     table, wide = FakeQuantEmbedding(embedding, bits=4), FakeQuantEmbedding(embedding, bits=8)
-    packed, codes = packed_codes(table), table.codes()
+    (packed,), codes = packed_codes(table), table.codes()
     assert packed.dtype == torch.uint8 and packed.shape == (6, 4)
     assert torch.equal((packed & 15).to(torch.int8) - 8, codes[:, :4])
     assert torch.equal((packed >> 4).to(torch.int8) - 8, codes[:, 4:])
-    assert torch.equal(packed_codes(wide), wide.codes())
+    assert torch.equal(packed_codes(wide)[0], wide.codes())
+
+
+def test_3bit_codes_are_a_plane_of_their_low_two_bits_and_a_plane_of_their_high_bit():
+    torch.manual_seed(0)
+    table = FakeQuantEmbedding(torch.nn.Embedding(6, 16), bits=3)
+    (low, high), codes = packed_codes(table), table.codes()
+    assert low.dtype == high.dtype == torch.uint8 and low.shape == (6, 4) and high.shape == (6, 2)
+    assert set(codes.unique().tolist()) == set(range(8))
+    for column in range(16):
+        two_bits = (low[:, column % 4] >> (2 * (column // 4))) & 3
+        bit = (high[:, column % 2] >> (column // 2)) & 1
+        assert torch.equal((two_bits + 4 * bit).to(torch.int8), codes[:, column])
 
 
 def test_quantized_tables_are_looked_up_row_by_row_from_their_codes(exported_classifier, classification_evalset,
                                                                      tmp_path):
     model = copy.deepcopy(exported_classifier[0])
-    quantize_embeddings(model, ["bert.embeddings.word_embeddings"], 4)
-    quantize_embeddings(model, ["bert.embeddings.position_embeddings"], 8)
+    quantize_embeddings(model, {"bert.embeddings.word_embeddings": 4, "bert.embeddings.position_embeddings": 8})
     graph_path = export_fake_quant(model, "sequence-classification", tmp_path / "model.onnx", opset=17)
 
     features = classification_evalset.features
@@ -161,7 +172,7 @@ def test_quantized_tables_are_looked_up_row_by_row_from_their_codes(exported_cla
     # the codes and float16 scales of the two quantized tables; the token type table left float
     assert {dtype: len(tables) for dtype, tables in looked_up.items()} == {"uint8": 1, "int8": 1, "float16": 2,
                                                                            "float32": 1}
-    assert np.array_equal(looked_up["uint8"][0], packed_codes(embeddings.word_embeddings).numpy())
+    assert np.array_equal(looked_up["uint8"][0], packed_codes(embeddings.word_embeddings)[0].numpy())
     assert np.array_equal(looked_up["int8"][0], embeddings.position_embeddings.codes().numpy())
     assert looked_up["float32"][0].shape == embeddings.token_type_embeddings.weight.shape
     assert not [array for array in values.values() if array.dtype == np.float32

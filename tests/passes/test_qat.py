@@ -165,13 +165,14 @@ def test_a_qat_recipe_saves_reloads_and_exports_a_verified_qdq_graph(tmp_path, t
         "model": str(tiny_bert_dir), "task": "sequence-classification",
         "data": {"train": {"path": str(sentiment_files["train"]), "text": "sentence"},
                  "eval": {"path": str(sentiment_files["dev"]), "text": "sentence"}, "max_length": 32},
-        "steps": [{"kind": "qat", **SHORT, "max_steps": 2, "embedding_bits": 4}, {"kind": "export"}],
+        "steps": [{"kind": "qat", **SHORT, "max_steps": 2,
+                   "embedding_bits": {"word_embeddings": 3, "position": 4}}, {"kind": "export"}],
         "bench": {"enabled": False}}))
     run_pipeline(load_recipe(recipe), tmp_path / "run", quiet=True)
 
     trained = Artifact.load(tmp_path / "run" / "00-qat")
     assert len(quantized(trained.model)) == 14 and type(trained.model.classifier) is not nn.Linear
-    assert type(trained.model.bert.embeddings.word_embeddings) is FakeQuantEmbedding
+    assert trained.model.bert.embeddings.word_embeddings.bits == 3
     exported = Artifact.load(tmp_path / "run" / "01-export")
     assert exported.kind == Kind("onnx", "int8-qdq")
     effect = exported.history[-1]["effect"]
