@@ -142,27 +142,19 @@ def reused_run(recipe: str, name: str, made: Path, title: str, notes: list[str])
     return pipeline(recipe, name, title, notes, fresh=False)
 
 
-def with_attribution(text: str, out: Path) -> str:
-    """The run report's "Where the gain came from" tables, before the section's notes."""
-    report = (out / "report.md").read_text()
-    attribution = report.split("## Where the gain came from\n", 1)[1].split("\n## ", 1)[0].strip()
-    return text.replace("#### Notes\n", f"#### Where the gain came from\n\n{attribution}\n\n#### Notes\n", 1)
-
-
 def stack() -> str:
     """The stacked pipeline (`make stack` first, and its trained stages are reused)."""
     text = reused_run("pipelines/stack.yaml", "stack", ROOT / "runs" / "stack",
                       "Stacked: distil -> prune -> QAT -> portable int8 (MiniLM-L6, SST-2), per-stage attribution", [])
     out = ROOT / "runs" / "bench-stack"
-    return with_attribution(with_notes(text, stack_summary(out)), out)
+    return with_notes(text, stack_summary(out))
 
 
 def llm_stack(note: str) -> str:
     """The decoder stack (a finished `compress run pipelines/llm-stack.yaml --out runs/llm-stack` is reused)."""
-    text = reused_run("pipelines/llm-stack.yaml", "llm-stack", ROOT / "runs" / "llm-stack",
+    return reused_run("pipelines/llm-stack.yaml", "llm-stack", ROOT / "runs" / "llm-stack",
                       "Decoder stack: fewer blocks -> narrower MLP -> int4 (SmolLM2-135M), per-stage attribution",
                       [note])
-    return with_attribution(text, ROOT / "runs" / "bench-llm-stack")
 
 
 SWEEP_GRID = ("steps.3.reduce_range=true,false", "steps.3.per_channel=true,false")

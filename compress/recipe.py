@@ -316,8 +316,8 @@ EmbeddingBits = Literal[3, 4, 8]
 class QATStep(RecoverSettings, Step):
     """Quantization-aware training: fake-quant Linear layers (per-channel symmetric int8 weights, per-tensor
     activations, straight-through gradients) and, with `embedding_bits`, embedding tables (per-row int8, int4, or
-    3-bit on levels fitted to the table), trained on the task loss, distilled from the model before QAT by default. `export` then writes a QDQ graph
-    with the learned scales."""
+    3-bit on levels fitted to the table), trained on the task loss, distilled from the model before QAT by
+    default. `export` then writes a QDQ graph with the learned scales."""
 
     kind: Literal["qat"] = "qat"
     needs_data: ClassVar[tuple[str, ...]] = ("train",)
@@ -329,6 +329,19 @@ class QATStep(RecoverSettings, Step):
     embedding_bits: EmbeddingBits | Annotated[dict[Annotated[str, Field(min_length=1)], EmbeddingBits],
                                               Field(min_length=1)] | None = None
     calibration: Calibration = Calibration()  # the activations' first ranges, before training moves them
+
+    @field_validator("embedding_bits", mode="before")
+    @classmethod
+    def _known_bits(cls, bits: Any) -> Any:
+        """One line naming the bad value (the union's own errors name its branches instead)."""
+        if isinstance(bits, dict) and not bits:
+            raise ValueError("name at least one table (e.g. {word_embeddings: 4}), or leave embedding_bits out")
+        given = bits.items() if isinstance(bits, dict) else [] if bits is None else [("", bits)]
+        for fragment, value in given:
+            if value not in get_args(EmbeddingBits) or isinstance(value, bool):
+                raise ValueError(f"{fragment + ': ' if fragment else ''}{value!r} bits; a table takes 3 (levels "
+                                 "fitted to it), 4 or 8")
+        return bits
 
     @model_validator(mode="after")
     def _trainable_ranges(self) -> QATStep:

@@ -94,6 +94,9 @@ def test_wrong_types_and_ranges_name_the_field(tmp_path, override, expected):
         ("[{epochs: 1}]", "steps[0]: every step needs a 'kind'"),
         ("[{kind: export, optimize: true}]", "steps[0].optimize: ONNX Runtime fusions are now a step of their own"),
         ("[{kind: export}, {kind: ptq, keep_fp32: ['']}]", "steps[1].keep_fp32[0]: String should have at least 1"),
+        ("[{kind: qat, embedding_bits: 2}]", "steps[0].embedding_bits: 2 bits; a table takes 3 (levels fitted to it)"),
+        ("[{kind: qat, embedding_bits: {word: 3, position: 5}}]", "steps[0].embedding_bits: position: 5 bits;"),
+        ("[{kind: qat, embedding_bits: {}}]", "steps[0].embedding_bits: name at least one table"),
     ],
 )
 def test_impossible_step_orders_are_rejected(tmp_path, steps, expected):

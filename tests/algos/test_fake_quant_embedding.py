@@ -4,6 +4,7 @@ are chosen, and how they save and reload."""
 from __future__ import annotations
 
 import copy
+from typing import get_args
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from compress.algos.fake_quant import apply_quantization_spec, quantization_spec
 from compress.algos.fake_quant_embedding import (
+    BITS,
     FakeQuantEmbedding,
     bits_by_table,
     fit_levels,
@@ -20,6 +22,7 @@ from compress.algos.fake_quant_embedding import (
 from compress.artifact import Artifact
 from compress.errors import ArtifactError, RecipeError
 from compress.kinds import Kind
+from compress.recipe import EmbeddingBits
 
 
 def table(bits: int, rows: int = 6, dim: int = 8) -> FakeQuantEmbedding:
@@ -116,6 +119,10 @@ def test_rows_whose_codes_do_not_fill_whole_bytes_are_refused(bits, width, multi
         quantize_embeddings(model, {"table": bits})
     quantize_embeddings(model, {"table": 8})
     assert type(model.table) is FakeQuantEmbedding
+
+
+def test_the_recipe_offers_the_bits_the_tables_take():
+    assert get_args(EmbeddingBits) == BITS
 
 
 def test_bits_apply_to_every_table_or_per_name_fragment():
