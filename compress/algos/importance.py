@@ -10,7 +10,8 @@ the batch's next tokens. Scores are one tensor per block, higher = more importan
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -113,21 +114,66 @@ def as_matrix(module: nn.Module) -> torch.Tensor:
 
 def layer_scores(model: Any, batches: Iterable[dict[str, Any]], text_stream: bool) -> torch.Tensor:
     """Per block: how far the model's predictions move when that block alone is skipped (KL divergence from
-    the whole model's, per row or, for a causal LM, per real token)."""
+    the whole model's, per row or, for a causal LM, per real token), averaged over the batches. The blocks
+    before the skipped one replay what they gave the whole model, so a batch costs half the block passes
+    of running the model once per skipped block."""
     model.eval()
+    blocks = transformer_blocks(model)
     data = [as_tensors(batch, next(model.parameters()).device) for batch in batches]
-    with torch.no_grad():
-        whole = [model(**batch).logits.float().log_softmax(-1) for batch in data]
-        rises = []
-        for block in transformer_blocks(model):
-            handle = block.register_forward_hook(skip_block, with_kwargs=True)
-            try:
-                rises.append(sum(divergence(reference, model(**batch).logits.float().log_softmax(-1),
-                                            batch["attention_mask"], text_stream)
-                                 for reference, batch in zip(whole, data)) / len(data))
-            finally:
-                handle.remove()
-    return torch.tensor(rises)
+    rises = [0.0] * len(blocks)
+    with torch.no_grad(), without_cache(model):
+        for batch in data:
+            whole, outputs = predictions_and_block_outputs(model, blocks, batch)
+            for index, block in enumerate(blocks):
+                for before, output in zip(blocks[:index], outputs):
+                    before.forward = replaying(output)
+                block.forward = skipping(outputs[index])
+                try:
+                    skipped = model(**batch).logits.float().log_softmax(-1)
+                finally:
+                    for replaced in blocks[:index + 1]:
+                        del replaced.forward
+                rises[index] += divergence(whole, skipped, batch["attention_mask"], text_stream)
+    return torch.tensor([rise / len(data) for rise in rises])
+
+
+def predictions_and_block_outputs(model: Any, blocks: nn.ModuleList, batch: Batch) -> tuple[torch.Tensor, list[Any]]:
+    """The whole model's log-probabilities on `batch`, and what each block gave, in order."""
+    outputs: list[Any] = []
+    hooks = [block.register_forward_hook(lambda module, args, output: outputs.append(output)) for block in blocks]
+    try:
+        return model(**batch).logits.float().log_softmax(-1), outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def replaying(output: Any) -> Any:
+    """A block forward that returns what the block gave before, without computing it."""
+    return lambda *args, **kwargs: output
+
+
+def skipping(output: Any) -> Any:
+    """A block forward that hands its input on, shaped like the block's own `output`."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return forward
+
+
+@contextmanager
+def without_cache(model: Any) -> Iterator[None]:
+    """A causal LM's forward without its KV cache: a replayed block would leave its layer of the cache empty."""
+    config = model.config
+    if not hasattr(config, "use_cache"):
+        yield
+        return
+    used, config.use_cache = config.use_cache, False
+    try:
+        yield
+    finally:
+        config.use_cache = used
 
 
 def divergence(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, text_stream: bool) -> float:
@@ -135,11 +181,3 @@ def divergence(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor,
     if text_stream:
         return ((per_item * mask).sum() / mask.sum()).item()
     return per_item.mean().item()
-
-
-def skip_block(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-    """A forward hook that makes a block hand its input on unchanged."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    return hidden

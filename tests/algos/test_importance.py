@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from compress.algos.importance import activation_scores, gradient_scores, layer_scores, magnitude_scores
+from compress.algos.importance import (
+    activation_scores,
+    divergence,
+    gradient_scores,
+    layer_scores,
+    magnitude_scores,
+)
+from compress.algos.students import transformer_blocks
 from compress.algos.units import HEADS, NEURONS
 
 SENTENCES = ["good movie and a great plot", "awful film", "the actor was not very fun but the story was",
@@ -192,3 +199,32 @@ def test_layer_scores_find_an_identity_block(scored):
     assert abs(float(scores[layer])) < 1e-4
     assert int(torch.argmin(scores)) == layer
     assert (scores[torch.arange(3) != layer] > 1e-3).all()
+
+
+def skipped_one_at_a_time(model, batches, text_stream):
+    """Layer scores the plain way: the whole model run once per block, that block handing its input on."""
+    def hand_input_on(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    data = [{key: torch.as_tensor(values) for key, values in batch.items()} for batch in batches]
+    with torch.no_grad():
+        whole = [model(**batch).logits.float().log_softmax(-1) for batch in data]
+        rises = []
+        for block in transformer_blocks(model):
+            handle = block.register_forward_hook(hand_input_on, with_kwargs=True)
+            rises.append(sum(divergence(reference, model(**batch).logits.float().log_softmax(-1),
+                                        batch["attention_mask"], text_stream)
+                             for reference, batch in zip(whole, data)) / len(data))
+            handle.remove()
+    return torch.tensor(rises)
+
+
+def test_layer_scores_replaying_the_blocks_before_match_running_the_whole_model_per_block(scored):
+    model, batches, text_stream = scored
+    if text_stream:
+        model = fitted(model.train(), batches)
+    expected = skipped_one_at_a_time(model, batches, text_stream)
+    assert (expected > 0).all() and model.config.use_cache
+    torch.testing.assert_close(layer_scores(model, batches, text_stream), expected, rtol=1e-5, atol=1e-7)
+    assert model.config.use_cache  # the KV cache, off while scoring, is on again
