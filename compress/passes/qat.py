@@ -30,9 +30,8 @@ def run(artifact: Artifact, step: QATStep, ctx: Context) -> Artifact:
     names = quantizable_linears(model, step.keep_fp32)
     if not names:
         raise NothingToDo(f"qat: keep_fp32 {step.keep_fp32} leaves no Linear layer to quantize")
-    tables = {}
-    if step.embedding_bits is not None:
-        tables = bits_by_table(quantizable_embeddings(model, step.keep_fp32), step.embedding_bits)
+    tables = ({} if step.embedding_bits is None else
+              bits_by_table(quantizable_embeddings(model, step.keep_fp32), step.embedding_bits))
     batches = ctx.calibration(artifact.tokenizer, step.calibration.samples, step.calibration.batch_size, "qat")
     quantize_linears(model, names, step.per_channel, input_ranges(model, names, batches))
     quantize_embeddings(model, tables)
