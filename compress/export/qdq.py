@@ -101,7 +101,8 @@ def qdq_function(layer: FakeQuantLinear) -> type[torch.autograd.Function]:
 def lookup_function(table: FakeQuantEmbedding) -> type[torch.autograd.Function]:
     """An op that looks up `table`'s quantized rows in torch and exports as the Gather-and-dequantize subgraph
     (see `qdq_function` for why a class per table)."""
-    codes, planes = table.codes().cpu(), [plane.cpu() for plane in packed_codes(table)]
+    codes = table.codes()  # once: the planes and the torch lookup both read them
+    planes = packed_codes(codes.cpu(), table.bits)
     values, scales = table.code_values(codes).cpu(), table.row_scales().cpu()
     levels = None if table.levels is None else table.levels.detach().float().cpu().clone()
 
@@ -140,16 +141,15 @@ def lookup_function(table: FakeQuantEmbedding) -> type[torch.autograd.Function]:
                 {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
 
 
-def packed_codes(table: FakeQuantEmbedding) -> list[torch.Tensor]:
-    """The code planes the graph stores, uint8 unless int8: int8 codes as they are; int4 codes offset to 0..15
-    (1..15: they are symmetric), column j in the low nibble of byte j and column j + width/2 in its high nibble
-    [rows, width/2]; 3-bit codes (0..7) as a plane of their low 2 bits, byte j holding columns j + k*width/4 at
-    bits 2k [rows, width/4], and a plane of their high bit, byte j holding columns j + k*width/8 at bit k
-    [rows, width/8]."""
-    codes = table.codes()
-    if table.bits == 8:
+def packed_codes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """The code planes the graph stores for a table's `codes` (FakeQuantEmbedding.codes), uint8 unless int8:
+    int8 codes as they are; int4 codes offset to 0..15 (1..15: they are symmetric), column j in the low nibble
+    of byte j and column j + width/2 in its high nibble [rows, width/2]; 3-bit codes (0..7) as a plane of their
+    low 2 bits, byte j holding columns j + k*width/4 at bits 2k [rows, width/4], and a plane of their high bit,
+    byte j holding columns j + k*width/8 at bit k [rows, width/8]."""
+    if bits == 8:
         return [codes]
-    if table.bits == 4:
+    if bits == 4:
         return [_pack((codes.to(torch.int16) + 8).to(torch.uint8), 4)]
     unsigned = codes.to(torch.uint8)
     return [_pack(unsigned & 3, 2), _pack(unsigned >> 2, 1)]

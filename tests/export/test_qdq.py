@@ -134,17 +134,19 @@ def test_int4_codes_are_packed_two_to_a_byte_offset_by_eight():
     torch.manual_seed(0)
     embedding = torch.nn.Embedding(6, 8)
     table, wide = FakeQuantEmbedding(embedding, bits=4), FakeQuantEmbedding(embedding, bits=8)
-    (packed,), codes = packed_codes(table), table.codes()
+    codes = table.codes()
+    (packed,) = packed_codes(codes, 4)
     assert packed.dtype == torch.uint8 and packed.shape == (6, 4)
     assert torch.equal((packed & 15).to(torch.int8) - 8, codes[:, :4])
     assert torch.equal((packed >> 4).to(torch.int8) - 8, codes[:, 4:])
-    assert torch.equal(packed_codes(wide)[0], wide.codes())
+    assert torch.equal(packed_codes(wide.codes(), 8)[0], wide.codes())
 
 
 def test_3bit_codes_are_a_plane_of_their_low_two_bits_and_a_plane_of_their_high_bit():
     torch.manual_seed(0)
     table = FakeQuantEmbedding(torch.nn.Embedding(6, 16), bits=3)
-    (low, high), codes = packed_codes(table), table.codes()
+    codes = table.codes()
+    low, high = packed_codes(codes, 3)
     assert low.dtype == high.dtype == torch.uint8 and low.shape == (6, 4) and high.shape == (6, 2)
     assert set(codes.unique().tolist()) == set(range(8))
     for column in range(16):
@@ -172,7 +174,7 @@ def test_quantized_tables_are_looked_up_row_by_row_from_their_codes(exported_cla
     # the codes and float16 scales of the two quantized tables; the token type table left float
     assert {dtype: len(tables) for dtype, tables in looked_up.items()} == {"uint8": 1, "int8": 1, "float16": 2,
                                                                            "float32": 1}
-    assert np.array_equal(looked_up["uint8"][0], packed_codes(embeddings.word_embeddings)[0].numpy())
+    assert np.array_equal(looked_up["uint8"][0], packed_codes(embeddings.word_embeddings.codes(), 4)[0].numpy())
     assert np.array_equal(looked_up["int8"][0], embeddings.position_embeddings.codes().numpy())
     assert looked_up["float32"][0].shape == embeddings.token_type_embeddings.weight.shape
     assert not [array for array in values.values() if array.dtype == np.float32
