@@ -183,7 +183,7 @@ def _validate(args: argparse.Namespace) -> int:
     from compress.recipe_loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    data = load_task_data(recipe.data, recipe.task, recipe.seed)
+    data = load_task_data(recipe.data, recipe.task, recipe.seed, recipe.train_data_sources())
     stages = plan_stages(recipe.steps)
     check_depths(stages, base_depth(models.resolve(recipe.model)))
     stream = is_text_stream(recipe.task)  # one text each: its size is in characters, not rows
@@ -193,6 +193,8 @@ def _validate(args: argparse.Namespace) -> int:
     rows = " / ".join(f"{count:,} {name}" for count, name in counts) + (" characters" if stream else " rows")
     labels = f", labels: {', '.join(data.label_names)}" if data.label_names else ""
     print(f"{args.recipe}: ok ({recipe.task}, {rows}{labels})")
+    for where, own in data.notes.get("train_data", {}).items():
+        print(f"  {where}: {own['rows']:,} rows ({own['left_out_as_held_out']:,} left out: in validation or eval)")
     reference = baseline(stages, recipe.bench.baseline)
     extra = baseline_export(stages, reference)
     shown = [*stages, *([extra] if extra else [])]

@@ -27,6 +27,7 @@ class Context:
     make_eval_set: Callable[[Any, str], EvalSet] | None = None  # (tokenizer, split) -> EvalSet, cached
     resolve_model: Callable[[str], Any] | None = None  # model reference -> Artifact
     checkpoint_dir: Path | None = None  # where a training stage keeps resumable checkpoints (kept across crashes)
+    train_data: Any = None  # the step's own training rows (a DataSource), in place of data.train
     device: str = "cpu"
     quiet: bool = False  # no progress bars
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
@@ -42,7 +43,7 @@ class Context:
     def train_loader(self, tokenizer: Any, batch_size: int, row_ids: bool = False) -> Any:
         from compress.loaders import train_loader
 
-        return train_loader(self._data().table("train"), tokenizer, self.task, self.max_length, batch_size,
+        return train_loader(self._data().training_rows(self.train_data), tokenizer, self.task, self.max_length, batch_size,
                             self.seed, row_ids)
 
     def calibration(self, tokenizer: Any, samples: int, batch_size: int = 8,

@@ -34,6 +34,7 @@ class TaskData:
     notes: dict[str, Any] = field(default_factory=dict)
     validation: Any = None
     calib: Any = None
+    own_rows: dict[str, Any] = field(default_factory=dict)  # steps' own `train_data`, by the source's JSON
 
     def table(self, split: str) -> Any:
         """`eval`, `validation`, `train`, or `calib` (which falls back to train)."""
@@ -44,11 +45,18 @@ class TaskData:
             raise DataError(f"this step needs {needs.get(split, 'data.' + split)} in the recipe")
         return table
 
+    def training_rows(self, source: DataSource | None) -> Any:
+        """A step's own `train_data` when it has one (loaded with the recipe's data), else data.train."""
+        return self.table("train") if source is None else self.own_rows[source.model_dump_json()]
+
 
 SOURCES = ("train", "eval", "validation", "calib")
 
 
-def load_task_data(cfg: DataConfig, task: str, seed: int = 0) -> TaskData:
+def load_task_data(cfg: DataConfig, task: str, seed: int = 0,
+                   train_sources: dict[str, DataSource] | None = None) -> TaskData:
+    """The recipe's tables; `train_sources` (a step's own training rows, by field name) are read with them, so a
+    bad file fails before any stage runs."""
     classify = not is_text_stream(task)
     # Calibration needs inputs only: its rows may be unlabelled.
     tables = {name: read_table(getattr(cfg, name), f"data.{name}", classify, labelled=name != "calib")
@@ -67,8 +75,32 @@ def load_task_data(cfg: DataConfig, task: str, seed: int = 0) -> TaskData:
                   if "label" in table.column_names else table for name, table in tables.items()}
         if cfg.max_eval_rows:
             tables["eval"] = tables["eval"].select(range(min(cfg.max_eval_rows, len(tables["eval"]))))
+    own_rows = {}
+    for where, src in (train_sources or {}).items():
+        table = read_table(src, where, classify)
+        if classify:
+            table, notes.setdefault("train_data", {})[where] = _own_rows(table, where, label_names, tables)
+        own_rows[src.model_dump_json()] = table
     return TaskData(task, tables.get("train"), tables["eval"], label_names, _fingerprint(cfg, task, seed), notes,
-                    validation=tables.get("validation"), calib=tables.get("calib"))
+                    validation=tables.get("validation"), calib=tables.get("calib"), own_rows=own_rows)
+
+
+def _own_rows(table: Any, where: str, label_names: list[str], tables: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+    """A step's own classification rows, labels encoded like data.train's, without any row whose text (and pair)
+    the validation or eval split holds: drawn from the same corpus, they would otherwise be trained on."""
+    if "label" in table.column_names:
+        table = _encode_labels(table, label_names, where, "label" in getattr(tables.get("train"), "column_names", ()))
+
+    def texts(rows: Any) -> list[tuple[str, str | None]]:
+        pairs = rows["text_pair"] if "text_pair" in rows.column_names else [None] * len(rows)
+        return list(zip(rows["text"], pairs, strict=True))
+
+    held_out = {text for name in ("validation", "eval") if name in tables for text in texts(tables[name])}
+    kept = [index for index, text in enumerate(texts(table)) if text not in held_out]
+    if not kept:
+        raise DataError(f"{where}: every row is also in the validation or eval split")
+    left_out = len(table) - len(kept)
+    return (table.select(kept) if left_out else table), {"rows": len(kept), "left_out_as_held_out": left_out}
 
 
 def carve(table: Any, task: str, fraction: float, cap: int | None, seed: int) -> tuple[Any, Any, dict[str, Any]]:

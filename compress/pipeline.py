@@ -38,7 +38,7 @@ from compress.plan import (
     used_as_input,
 )
 from compress.ranks import Ranks
-from compress.recipe import Recipe, step_pass_module
+from compress.recipe import Recipe, step_pass_module, training_block
 from compress.reproducibility import files_digest, reproducibility
 from compress.rundir import (
     RunLock,
@@ -60,6 +60,7 @@ log = logging.getLogger("compress")
 RUN_FORMAT = "compress-run/2"
 RUN_MANIFEST = "manifest.json"
 NOT_IN_KEY = {"checkpoint_every"}
+UNSET_NOT_IN_KEY = {"train_data"}  # settings newer than some cached stages: while unset, those stages' keys hold
 GGUF_NOTE = ("smollm2-135m is dequantized from a Q4_1 GGUF: its 'fp32' weights lie on a 4-bit grid, so its "
              "int8 results need not match what int8 does to a model trained in full precision.")
 
@@ -87,7 +88,7 @@ def run_pipeline(recipe: Recipe, out: Path, overwrite: bool = False, quiet: bool
     reference = baseline(plan, recipe.bench.baseline)
     extra = baseline_export(plan, reference)
     check_out(out, overwrite)
-    data = load_task_data(recipe.data, recipe.task, recipe.seed)
+    data = load_task_data(recipe.data, recipe.task, recipe.seed, recipe.train_data_sources())
     check_depths(plan, base_depth(models.resolve(recipe.model)))  # a bad model or student fails before any write
     ranks = Ranks()
     runner = _StageRunner(recipe, out, data, quiet, used_as_input(plan) | {reference.name}, ranks, stage_store)
@@ -245,7 +246,7 @@ class _StageRunner:
         return Context(stage_dir=partial, task=self.recipe.task, seed=self.recipe.seed,
                        max_length=self.recipe.data.max_length, data=self.data, make_eval_set=self.eval_set,
                        resolve_model=lambda ref: self._resolve(ref, planned), checkpoint_dir=checkpoint_dir,
-                       device=_device(), quiet=self.quiet)
+                       train_data=_own_train_data(planned.step), device=_device(), quiet=self.quiet)
 
     def eval_set(self, tokenizer: Any, split: str = "eval") -> EvalSet:
         # Each stage reloads its tokenizer: the same vocabulary gives the same arrays.
@@ -275,7 +276,8 @@ def _what_computes(settings: Any) -> Any:
     """The settings without those that cannot change a stage's files (a resumed run ends where an uninterrupted
     one does), so adding checkpoints to a recipe reuses its stages."""
     if isinstance(settings, dict):  # kept as None, not dropped: keys of stages made without them stay as they were
-        return {name: None if name in NOT_IN_KEY else _what_computes(value) for name, value in settings.items()}
+        return {name: None if name in NOT_IN_KEY else _what_computes(value) for name, value in settings.items()
+                if not (name in UNSET_NOT_IN_KEY and value is None)}
     return settings
 
 
@@ -499,6 +501,11 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _own_train_data(step: Any) -> Any:
+    block = None if step is None else training_block(step)
+    return block[1].train_data if block else None
 
 
 def _device() -> str:

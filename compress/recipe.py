@@ -25,6 +25,7 @@ from compress.plan import StepRejects, baseline, plan_stages
 from compress.settings import (
     MODEL_REF,
     BenchConfig,
+    DataSource,
     FloatTolerance,
     GradualSchedule,
     KDLoss,
@@ -37,35 +38,6 @@ from compress.settings import (
 from compress.sysinfo import has_vnni, machine_info
 
 Task = Literal["sequence-classification", "causal-lm"]
-
-class DataSource(Strict):
-    """One table or text file: a local file (csv, tsv, jsonl, txt) or a hub dataset."""
-
-    path: str | None = None  # local file, relative to the recipe file
-    dataset: str | None = None  # hub dataset name, used only when `path` is not given
-    subset: str | None = None  # hub dataset configuration, e.g. 'sst2' of 'glue'
-    split: str = "train"  # hub dataset split
-    text: str = "text"  # column holding the text
-    text_pair: str | None = None  # second text column, for sentence pairs
-    label: str | None = "label"  # column holding the label (classification); null: unlabelled rows
-    columns: list[str] | None = None  # names for a header-less csv/tsv, in file order
-    delimiter: Literal[",", "\t", ";", "|"] | None = None  # a csv/tsv's separator; default: from its extension
-    limit: PositiveInt | None = None  # keep only the first N rows
-
-    @field_validator("path")
-    @classmethod
-    def _relative_to_recipe(cls, value: str | None, info: ValidationInfo) -> str | None:
-        base = (info.context or {}).get("base_dir")
-        if value is None or base is None:
-            return value
-        return str((Path(base) / Path(value).expanduser()).resolve())
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSource:
-        if (self.path is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'path' (a local file) or 'dataset' (a hub dataset name)")
-        return self
-
 
 class DataConfig(Strict):
     train: DataSource | None = None
@@ -139,6 +111,15 @@ def _model_refs(settings: BaseModel, prefix: str = "") -> dict[str, str]:
 def _holds_model_ref(annotation: Any) -> bool:
     """`ModelRef | None` keeps the marker inside the union's arguments."""
     return any(arg == MODEL_REF or _holds_model_ref(arg) for arg in get_args(annotation))
+
+
+def training_block(step: Step) -> tuple[str, TrainSettings] | None:
+    """The settings a step trains with, and their field ('' for the step itself, 'recover.'), if it trains."""
+    if isinstance(step, TrainSettings):
+        return "", step
+    trained = [(f"{name}.", value) for name in type(step).model_fields
+               if isinstance(value := getattr(step, name), TrainSettings)]
+    return trained[0] if trained else None
 
 
 def _torch_float(step: str, given: Kind) -> None:
@@ -537,6 +518,9 @@ class PruneStep(Step):
     def reads_labels(self) -> bool:
         return self.recover is not None and (self.recover.distill_from == "none" or self.recover.alpha < 1)
 
+    def key_facts(self) -> dict[str, Any]:
+        return self.recover.key_facts() if self.recover else {}
+
     def output_kind(self, given: Kind) -> Kind:
         _torch_float("prune", given)
         if given.sparsity == "masks":
@@ -640,6 +624,15 @@ class Recipe(Strict):
         """What loading this recipe's models may do beyond reading safetensors and JSON: the user's own say."""
         return {"trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle}
 
+    def train_data_sources(self) -> dict[str, DataSource]:
+        """Each step's own training rows, by the field that names them ('steps[2].recover.train_data')."""
+        sources = {}
+        for index, step in enumerate(self.steps):
+            block = training_block(step)
+            if block is not None and block[1].train_data is not None:
+                sources[f"steps[{index}].{block[0]}train_data"] = block[1].train_data
+        return sources
+
     @model_validator(mode="after")
     def _coherent(self) -> Recipe:
         if not is_text_stream(self.task):
@@ -652,8 +645,11 @@ class Recipe(Strict):
                 step.check_task(self.task)
             except ValueError as why:
                 raise ValueError(f"steps[{index}].{why}") from None
-            if step.reads_labels and self.data.train is not None and self.data.train.label is None:
-                raise ValueError(f"steps[{index}] ({step.kind}) trains on labels, but data.train has none "
+            block = training_block(step)
+            own = block[1].train_data if block else None
+            rows, where = (own, f"steps[{index}].{block[0]}train_data") if own else (self.data.train, "data.train")
+            if step.reads_labels and rows is not None and rows.label is None:
+                raise ValueError(f"steps[{index}] ({step.kind}) trains on labels, but {where} has none "
                                  "(label: null); give the label column, or for distill set alpha: 1")
             for split in step.needs_data:
                 if split == "train" and self.data.train is None:

@@ -6,6 +6,8 @@ never on the step registry.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,6 +16,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     PositiveInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -24,6 +27,35 @@ from compress.sysinfo import machine_info
 class Strict(BaseModel):
     # strict: a recipe's `seed: false` or `epochs: "3"` is the wrong kind of value, not one to convert
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataSource(Strict):
+    """One table or text file: a local file (csv, tsv, jsonl, txt) or a hub dataset."""
+
+    path: str | None = None  # local file, relative to the recipe file
+    dataset: str | None = None  # hub dataset name, used only when `path` is not given
+    subset: str | None = None  # hub dataset configuration, e.g. 'sst2' of 'glue'
+    split: str = "train"  # hub dataset split
+    text: str = "text"  # column holding the text
+    text_pair: str | None = None  # second text column, for sentence pairs
+    label: str | None = "label"  # column holding the label (classification); null: unlabelled rows
+    columns: list[str] | None = None  # names for a header-less csv/tsv, in file order
+    delimiter: Literal[",", "\t", ";", "|"] | None = None  # a csv/tsv's separator; default: from its extension
+    limit: PositiveInt | None = None  # keep only the first N rows
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_recipe(cls, value: str | None, info: ValidationInfo) -> str | None:
+        base = (info.context or {}).get("base_dir")
+        if value is None or base is None:
+            return value
+        return str((Path(base) / Path(value).expanduser()).resolve())
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'path' (a local file) or 'dataset' (a hub dataset name)")
+        return self
 
 
 # A field holding a model reference: "@input", an earlier stage ("@00-finetune", "@finetune") or a model spec
@@ -51,13 +83,20 @@ class TrainSettings(Strict):
     checkpoint_every: PositiveInt | None = None  # optimizer steps between resumable checkpoints
     freeze_embeddings: bool = False  # the embedding tables stay as they are: ~2.5x faster steps on a CPU
     seed: int | None = None  # this step's own seed (initialisation, data order); default: the recipe's
+    # The rows this step trains on in place of data.train: for a distilling step, a transfer set (more text of
+    # the task's kind, which the teacher labels). Rows also in the validation or eval split are left out.
+    train_data: DataSource | None = None
 
     def seed_or(self, recipe_seed: int) -> int:
         return recipe_seed if self.seed is None else self.seed
 
     def key_facts(self) -> dict[str, Any]:
-        """`auto` precision is decided by the machine: its instruction sets (and GPU) enter the stage key."""
-        return {"precision_decided_by": machine_info()["isa"]} if self.precision == "auto" else {}
+        """`auto` precision is decided by the machine: its instruction sets (and GPU) enter the stage key; so do
+        the bytes of a local `train_data` file."""
+        facts: dict[str, Any] = {"precision_decided_by": machine_info()["isa"]} if self.precision == "auto" else {}
+        if self.train_data is not None and self.train_data.path and Path(self.train_data.path).is_file():
+            facts["train_data_sha256"] = hashlib.sha256(Path(self.train_data.path).read_bytes()).hexdigest()
+        return facts
 
 
 class GradualSchedule(Strict):

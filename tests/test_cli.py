@@ -65,6 +65,12 @@ def test_quickstart_validates_against_the_full_shared_dev_set(shared_data, capsy
     assert "/ 872 eval rows" in capsys.readouterr().out
 
 
+def test_the_stack_recipe_validates_with_its_transfer_rows_from_shared_data(shared_data, capsys):
+    assert main(["validate", str(ROOT / "pipelines" / "stack.yaml")]) == 0
+    shown = capsys.readouterr().out
+    assert re.search(r"  steps\[2\]\.recover\.train_data: [\d,]+ rows \([\d,]+ left out: in validation or eval\)", shown)
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [

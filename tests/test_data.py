@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from compress.data import build_eval_set, load_task_data
 from compress.errors import DataError
-from compress.recipe import DataConfig
+from compress.recipe import DataConfig, DataSource
 
 CLS = "sequence-classification"
 
@@ -189,3 +189,35 @@ def test_binary_files_and_missing_or_impossible_labels_name_the_row(tmp_path, co
     path.write_bytes(content)
     with pytest.raises(DataError, match=expected):
         load_task_data(config(eval={"path": str(path), "text": "sentence"}, labels=["negative", "positive"]), CLS)
+
+
+def test_a_steps_own_training_rows_leave_out_the_held_out_rows_and_say_how_many(tmp_path, sentiment_files):
+    cfg = config(train={"path": str(sentiment_files["train"]), "text": "sentence"},
+                 eval={"path": str(sentiment_files["dev"]), "text": "sentence"})
+    transfer = sentiment_files["train"].read_text() + "".join(
+        line + "\n" for line in sentiment_files["dev"].read_text().splitlines()[1:6])  # 5 eval rows slipped in
+    (tmp_path / "transfer.tsv").write_text(transfer)
+    source = DataSource(path=str(tmp_path / "transfer.tsv"), text="sentence")
+    data = load_task_data(cfg, CLS, seed=1, train_sources={"steps[1].recover.train_data": source})
+    own = data.training_rows(source)
+    assert data.notes["train_data"] == {"steps[1].recover.train_data": {"rows": 180, "left_out_as_held_out": 25}}
+    assert set(own["text"]) == set(data.train["text"]) and set(own["label"]) == {0, 1}
+    assert data.training_rows(None) is data.train
+
+
+def test_own_training_rows_may_be_unlabelled_and_bad_ones_name_their_field(tmp_path, sentiment_files):
+    cfg = config(train={"path": str(sentiment_files["train"]), "text": "sentence"})
+    (tmp_path / "more.txt").write_text("a calm and lovely film\nthe plot drags on\n")
+    unlabelled = DataSource(path=str(tmp_path / "more.txt"), label=None)
+    own = load_task_data(cfg, CLS, train_sources={"steps[0].train_data": unlabelled}).training_rows(unlabelled)
+    assert own.column_names == ["text"] and len(own) == 2
+    with pytest.raises(DataError, match=r"^steps\[2\]\.train_data\.path: .*missing\.tsv not found"):
+        load_task_data(cfg, CLS, train_sources={"steps[2].train_data": DataSource(path=str(tmp_path / "missing.tsv"))})
+    (tmp_path / "odd.tsv").write_text("sentence\tlabel\nfine\tneutral\n")
+    odd = DataSource(path=str(tmp_path / "odd.tsv"), text="sentence")
+    with pytest.raises(DataError, match=r"^steps\[0\]\.train_data: label 'neutral' \(row 1\) never occurs in data\.train"):
+        load_task_data(cfg, CLS, train_sources={"steps[0].train_data": odd})
+    held_out = config(train={"path": str(sentiment_files["train"]), "text": "sentence"},
+                      eval={"path": str(tmp_path / "more.txt"), "label": None})
+    with pytest.raises(DataError, match=r"^steps\[0\]\.train_data: every row is also in the validation or eval"):
+        load_task_data(held_out, CLS, train_sources={"steps[0].train_data": unlabelled})

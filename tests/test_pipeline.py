@@ -264,3 +264,22 @@ def test_the_sparsity_record_comes_from_the_stage_own_pruning_record(tmp_path, t
                                                                            "layers": {"a": 0.5}}
     exported = pruned.evolve({"kind": "export", "config": {}, "effect": {}})
     assert pipeline._sparsity_record(exported.save(tmp_path / "exported")) is None  # shown once, at the prune
+
+
+def test_a_step_trains_on_its_own_rows_whose_bytes_are_in_its_key_alone(tmp_path, recipe_file, sentiment_files):
+    own = tmp_path / "own.tsv"
+    own.write_text("\n".join(sentiment_files["train"].read_text().splitlines()[:49]) + "\n")  # header + 48 rows
+    steps = [FINETUNE, {**FINETUNE, "train_data": {"path": str(own), "text": "sentence"}}]
+    out, recipe = tmp_path / "run", load_recipe(recipe_file(steps))
+    assert [status for _, status in statuses(run_pipeline(recipe, out, quiet=True))] == ["computed", "computed"]
+    own_rows = json.loads((out / "manifest.json").read_text())["data"]["train_data"]["steps[1].train_data"]
+    trained = [json.loads((out / name / "compress.json").read_text())["history"][-1]["effect"]["samples"]
+               for name in ("00-finetune", "01-finetune")]
+    assert trained == [180, own_rows["rows"]] and own_rows["rows"] + own_rows["left_out_as_held_out"] == 48
+    own.write_text(own.read_text().replace("\tpositive", "\tnegative", 1))
+    assert statuses(run_pipeline(recipe, out, quiet=True)) == [("00-finetune", "reused"), ("01-finetune", "computed")]
+
+
+def test_settings_newer_than_cached_stages_leave_their_keys_alone_while_unset():
+    settings = {"lr": 0.1, "checkpoint_every": 5, "train_data": None, "recover": {"train_data": None, "epochs": 1}}
+    assert pipeline._what_computes(settings) == {"lr": 0.1, "checkpoint_every": None, "recover": {"epochs": 1}}

@@ -136,6 +136,12 @@ def test_steps_that_train_on_labels_need_labelled_rows(tmp_path):
     distill = unlabelled.split("steps:")[0] + "steps: [{kind: distill, alpha: 0.5}]\n"
     assert "steps[0] (distill) trains on labels" in error(write(tmp_path, distill))
     assert load_recipe(write(tmp_path, distill.replace("alpha: 0.5", "alpha: 1"))).steps[0].alpha == 1
+    labelled_own = unlabelled.replace("kind: finetune", "kind: finetune\n    train_data: {path: more.tsv, text: sentence}")
+    assert load_recipe(write(tmp_path, labelled_own)).steps[0].train_data.path == str(tmp_path / "more.tsv")
+    prune = BASE.split("steps:")[0] + ("steps: [{kind: prune, heads: 0.5, recover: {alpha: 0.5, "
+                                       "train_data: {path: more.txt, label: null}}}]\n")
+    assert ("steps[0] (prune) trains on labels, but steps[0].recover.train_data has none (label: null)"
+            in error(write(tmp_path, prune)))
 
 
 @pytest.mark.parametrize(("step", "expected"), [
