@@ -38,7 +38,7 @@ from compress.plan import (
     used_as_input,
 )
 from compress.ranks import Ranks
-from compress.recipe import Recipe, step_pass_module, training_block
+from compress.recipe import Recipe, own_train_data, step_pass_module
 from compress.reproducibility import files_digest, reproducibility
 from compress.rundir import (
     RunLock,
@@ -243,10 +243,11 @@ class _StageRunner:
         for stale in self.out.glob(f".{name}.checkpoint-*"):
             if stale != checkpoint_dir:  # made for other inputs or settings
                 shutil.rmtree(stale, ignore_errors=True)
+        own = own_train_data(planned.step) if planned.step else None
         return Context(stage_dir=partial, task=self.recipe.task, seed=self.recipe.seed,
                        max_length=self.recipe.data.max_length, data=self.data, make_eval_set=self.eval_set,
                        resolve_model=lambda ref: self._resolve(ref, planned), checkpoint_dir=checkpoint_dir,
-                       train_data=_own_train_data(planned.step), device=_device(), quiet=self.quiet)
+                       train_data=own[1] if own else None, device=_device(), quiet=self.quiet)
 
     def eval_set(self, tokenizer: Any, split: str = "eval") -> EvalSet:
         # Each stage reloads its tokenizer: the same vocabulary gives the same arrays.
@@ -501,11 +502,6 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def _own_train_data(step: Any) -> Any:
-    block = None if step is None else training_block(step)
-    return block[1].train_data if block else None
 
 
 def _device() -> str:

@@ -113,13 +113,11 @@ def _holds_model_ref(annotation: Any) -> bool:
     return any(arg == MODEL_REF or _holds_model_ref(arg) for arg in get_args(annotation))
 
 
-def training_block(step: Step) -> tuple[str, TrainSettings] | None:
-    """The settings a step trains with, and their field ('' for the step itself, 'recover.'), if it trains."""
-    if isinstance(step, TrainSettings):
-        return "", step
-    trained = [(f"{name}.", value) for name in type(step).model_fields
-               if isinstance(value := getattr(step, name), TrainSettings)]
-    return trained[0] if trained else None
+def own_train_data(step: Step) -> tuple[str, DataSource] | None:
+    """A step's own training rows and the field naming them ('train_data', 'recover.train_data'), if it has any."""
+    blocks = [("", step)] if isinstance(step, TrainSettings) else [
+        (f"{name}.", value) for name in type(step).model_fields if isinstance(value := getattr(step, name), TrainSettings)]
+    return next(((f"{field}train_data", block.train_data) for field, block in blocks if block.train_data), None)
 
 
 def _torch_float(step: str, given: Kind) -> None:
@@ -626,12 +624,8 @@ class Recipe(Strict):
 
     def train_data_sources(self) -> dict[str, DataSource]:
         """Each step's own training rows, by the field that names them ('steps[2].recover.train_data')."""
-        sources = {}
-        for index, step in enumerate(self.steps):
-            block = training_block(step)
-            if block is not None and block[1].train_data is not None:
-                sources[f"steps[{index}].{block[0]}train_data"] = block[1].train_data
-        return sources
+        return {f"steps[{index}].{own[0]}": own[1] for index, step in enumerate(self.steps)
+                if (own := own_train_data(step))}
 
     @model_validator(mode="after")
     def _coherent(self) -> Recipe:
@@ -645,9 +639,8 @@ class Recipe(Strict):
                 step.check_task(self.task)
             except ValueError as why:
                 raise ValueError(f"steps[{index}].{why}") from None
-            block = training_block(step)
-            own = block[1].train_data if block else None
-            rows, where = (own, f"steps[{index}].{block[0]}train_data") if own else (self.data.train, "data.train")
+            own = own_train_data(step)
+            rows, where = (own[1], f"steps[{index}].{own[0]}") if own else (self.data.train, "data.train")
             if step.reads_labels and rows is not None and rows.label is None:
                 raise ValueError(f"steps[{index}] ({step.kind}) trains on labels, but {where} has none "
                                  "(label: null); give the label column, or for distill set alpha: 1")
