@@ -6,7 +6,6 @@ never on the step registry.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from compress.artifact import sha256_file
 from compress.sysinfo import machine_info
 
 
@@ -95,7 +95,7 @@ class TrainSettings(Strict):
         the bytes of a local `train_data` file."""
         facts: dict[str, Any] = {"precision_decided_by": machine_info()["isa"]} if self.precision == "auto" else {}
         if self.train_data is not None and self.train_data.path and Path(self.train_data.path).is_file():
-            facts["train_data_sha256"] = hashlib.sha256(Path(self.train_data.path).read_bytes()).hexdigest()
+            facts["train_data_sha256"] = sha256_file(Path(self.train_data.path))
         return facts
 
 
